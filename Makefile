@@ -1,0 +1,39 @@
+# Two entry points: `make demo` (the offline experiment) and `make test` (everything CI runs).
+# Both build .venv on first use, exactly as a newcomer's machine would.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test sync-check nbtest pytest demo clean
+
+install: $(STAMP)
+
+$(STAMP): settings.ini setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (latteclip_nb)"
+	touch $(STAMP)
+
+sync-check: $(STAMP)
+	$(BIN)/nbdev_export
+	git diff --exit-code -- latteclip_nb
+	@untracked=$$(git ls-files --others --exclude-standard -- latteclip_nb); \
+	 if [ -n "$$untracked" ]; then echo "nbdev_export made untracked files: $$untracked"; exit 1; fi
+
+nbtest: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q tests
+
+test: sync-check nbtest pytest
+
+demo: $(STAMP)
+	mkdir -p out
+	cd nbs && ../$(BIN)/papermill 90_experiment.ipynb ../out/demo.ipynb --cwd . 
+	@echo "metrics: out/demo/metrics.json  notebook: out/demo.ipynb"
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,44 @@
+"""Packaging for latteclip_nb (nbdev 2: everything is read from settings.ini)."""
+import shlex
+from configparser import ConfigParser
+
+import setuptools
+
+config = ConfigParser(delimiters=["="])
+config.read("settings.ini", encoding="utf-8")
+cfg = config["DEFAULT"]
+
+licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
+statuses = ["Planning", "Pre-Alpha", "Alpha", "Beta", "Production/Stable", "Mature", "Inactive"]
+lic = licenses[cfg["license"]]
+
+setuptools.setup(
+    name=cfg["lib_name"],
+    version=cfg["version"],
+    description=cfg["description"],
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    author=cfg["author"],
+    author_email=cfg["author_email"],
+    license=lic[0],
+    url=cfg["git_url"],
+    keywords=cfg["keywords"],
+    classifiers=[
+        f"Development Status :: {cfg['status']} - {statuses[int(cfg['status'])]}",
+        f"Intended Audience :: {cfg['audience']}",
+        f"License :: {lic[1]}",
+        f"Natural Language :: {cfg['language']}",
+        "Programming Language :: Python :: 3",
+    ],
+    packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
+    package_data={cfg["lib_path"]: ["assets/*"]},
+    include_package_data=True,
+    install_requires=shlex.split(cfg.get("requirements", "")),
+    extras_require={"dev": shlex.split(cfg.get("dev_requirements", ""))},
+    python_requires=">=" + cfg["min_python"],
+    zip_safe=False,
+    entry_points={
+        "console_scripts": cfg.get("console_scripts", "").split(),
+        "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+    },
+)
