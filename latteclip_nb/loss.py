@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['contrastive_loss', 'latte_loss']
 
-# %% ../nbs/08_loss.ipynb #8b4b1f66
+# %% ../nbs/08_loss.ipynb #ac6d0621
 import torch
 import torch.distributed as dist
 from open_clip.loss import ClipLoss
 
-# %% ../nbs/08_loss.ipynb #6cb44ffe
+# %% ../nbs/08_loss.ipynb #2071031f
 _losses = {}
 
 def contrastive_loss(
@@ -26,7 +26,7 @@ def contrastive_loss(
         _losses[(rank, world)] = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
     return _losses[(rank, world)](image_feats, text_feats, logit_scale)
 
-# %% ../nbs/08_loss.ipynb #73028371
+# %% ../nbs/08_loss.ipynb #8a7555cd
 def latte_loss(
     image_feats: torch.Tensor,  # [B, D] normalised image embeddings
     tbar_zs: torch.Tensor,      # [B, D] targets built from the zero-shot labels c_zs
