@@ -1,0 +1,235 @@
+"""Tests of latteclip_nb.captioners on the tiny offline LLaVA-NeXT and a live `transformers serve` on loopback."""
+import json, socket
+
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from latteclip_nb.captioners import (CaptionerError, LlavaCaptioner, OpenAICaptioner, build_tiny_llava, clean_answer,
+                                     llava_precision, llava_zero_shot, load_llava, match_answer, transformers_server,
+                                     with_retries)
+from latteclip_nb.data import Split
+from latteclip_nb.prompts import llava_chat
+
+PROMPTS = ["Describe the texture in the photo concisely, less than 20 words.", "Describe the scene.", "Write red."]
+
+
+def noise(h, w, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [noise(90, 140, 0), noise(336, 336, 1), noise(200, 60, 2)]
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with transformers_server(tiny, device="cpu", env={"OMP_NUM_THREADS": "1"}) as url:
+        yield url
+
+
+def test_tiny_llava_is_built_once(tiny):
+    stamp = (tiny / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny_llava(tiny) == tiny
+    assert (tiny / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_tiny_llava_refuses_foreign_folder(tmp_path):
+    (tmp_path / "x").mkdir(); (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes|not a tiny LLaVA"):
+        build_tiny_llava(tmp_path / "x")
+
+
+def test_chat_template_matches_llava_chat(tiny):
+    from transformers import LlavaNextProcessor
+    proc = LlavaNextProcessor.from_pretrained(tiny)
+    msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    assert proc.apply_chat_template(msg, add_generation_prompt=True, tokenize=False) == "<s>" + llava_chat("Describe it.")
+
+
+def test_single_view_is_llava_next_global_view(tiny, images):
+    sv_model, sv_proc = load_llava(tiny, single_view=True)
+    ax_model, ax_proc = load_llava(tiny, single_view=False)
+    image_id = sv_proc.tokenizer.image_token_id
+    sv = sv_proc(images=images, text=[llava_chat("Hi.")] * 3, return_tensors="pt", padding=True)
+    ax = ax_proc(images=images, text=[llava_chat("Hi.")] * 3, return_tensors="pt", padding=True)
+    assert (sv.input_ids == image_id).sum(1).tolist() == [576] * 3          # one 24x24 view, no newline token
+    assert (ax.input_ids == image_id)[1].sum() == 576 + 24 * 25             # square: global + 2 tiles unpadded to 24x24
+    assert all((ax.input_ids == image_id)[i].sum() > 576 for i in range(3))
+    assert torch.equal(sv.pixel_values, ax.pixel_values[:, 0])               # the squashed global view
+    with torch.no_grad():
+        f_sv = sv_model.model.get_image_features(pixel_values=sv.pixel_values, return_dict=True).pooler_output
+        f_ax = ax_model.model.get_image_features(pixel_values=ax.pixel_values, image_sizes=ax.image_sizes,
+                                                 return_dict=True).pooler_output
+    assert all(torch.allclose(a, b[:576], atol=1e-6) for a, b in zip(f_sv, f_ax))
+    ax_weights = ax_model.state_dict()
+    assert set(ax_weights) - set(sv_model.state_dict()) == {"model.image_newline"}
+    assert all(torch.equal(w, ax_weights[k]) for k, w in sv_model.state_dict().items())
+
+
+@pytest.mark.parametrize("single_view", [True, False])
+def test_batch_equals_one_at_a_time(tiny, images, single_view):
+    cap = LlavaCaptioner(tiny, single_view=single_view, batch_size=3, max_new_tokens=5)
+    batched = cap.describe(images, PROMPTS)
+    vocab = set(cap.processor.tokenizer.get_vocab())
+    assert len(batched) == 3 and all(a and set(a.split()) <= vocab for a in batched)
+    assert batched == [cap.describe([im], [p])[0] for im, p in zip(images, PROMPTS)]
+    assert cap.model_id.endswith(("single_view:fp32" if single_view else "anyres:fp32"))
+
+
+def test_empty_and_over_long_are_kept_and_counted(tiny, images):
+    cap = LlavaCaptioner(tiny, max_new_tokens=4)
+    answers = cap.describe(images, PROMPTS)
+    cut = sum(len(a.split()) == 4 for a in answers)  # a word-level token per word: cut answers have exactly 4
+    assert cap.stats.answers == 3 and cap.stats.over_long == cut and cap.stats.empty == 0
+    eos, n = cap.processor.tokenizer.eos_token_id, len(cap.processor.tokenizer)
+    cap.generate_kwargs = {"suppress_tokens": [i for i in range(n) if i != eos]}  # only </s> allowed: empty answers
+    assert cap.describe(images[:2], PROMPTS[:2]) == ["", ""]
+    assert (cap.stats.answers, cap.stats.empty, cap.stats.over_long) == (5, 2, cut)
+
+
+def test_mismatched_lengths_rejected(tiny, images):
+    cap = LlavaCaptioner(tiny, max_new_tokens=2)
+    with pytest.raises(ValueError, match="3 images and 1 prompts"):
+        cap.describe(images, PROMPTS[:1])
+
+
+def test_missing_weights_error_is_clear(tmp_path):
+    with pytest.raises(OSError, match="build_tiny_llava") as e:
+        LlavaCaptioner(str(tmp_path / "missing"), device="cpu")
+    assert str(tmp_path / "missing") in str(e.value)
+
+
+def test_precision():
+    name, dtype, bnb = llava_precision("auto", "cuda")
+    assert (name, dtype) == ("nf4", torch.float16)
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+    assert bnb.bnb_4bit_compute_dtype == torch.float16 and "vision_tower" in bnb.llm_int8_skip_modules
+    assert llava_precision("auto", "cpu") == ("fp32", torch.float32, None)
+    assert llava_precision("bf16", "cpu") == ("bf16", torch.bfloat16, None)
+    with pytest.raises(ValueError, match="CUDA"):
+        llava_precision("nf4", "cpu")
+    with pytest.raises(ValueError, match="int3"):
+        llava_precision("int3", "cpu")
+
+
+def test_clean_answer():
+    assert clean_answer("  Red\nstripes.\n ") == "Red stripes."
+
+
+def test_retry_policy():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3: raise openai.APIConnectionError(request=None)
+        return "ok"
+    assert with_retries(flaky, retries=2, backoff=0.001) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(openai.APIConnectionError):
+        with_retries(flaky, retries=1, backoff=0.001)
+    assert len(calls) == 2
+
+    def wrong():
+        calls.append(1); raise ValueError("bad request")
+    calls.clear()
+    with pytest.raises(ValueError):
+        with_retries(wrong, retries=5, backoff=0.001)
+    assert len(calls) == 1
+
+
+def test_server_down_names_url_and_fix(images):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    cap = OpenAICaptioner(f"http://127.0.0.1:{port}", "m", retries=2, backoff=0.01, concurrency=3)
+    with pytest.raises(CaptionerError) as e:
+        cap.describe(images, PROMPTS)
+    msg = str(e.value)
+    assert f"http://127.0.0.1:{port}/v1" in msg and "vllm serve" in msg and "transformers serve" in msg
+    assert e.value.answers == [None] * 3 and cap.stats.failed == 3
+
+
+def test_openai_captioner_matches_in_process_anyres(tiny, images, server):
+    served = OpenAICaptioner(server, str(tiny), max_tokens=6, concurrency=3, retries=1, timeout=60)
+    got = served.describe(images, PROMPTS)
+    want = LlavaCaptioner(tiny, single_view=False, max_new_tokens=6).describe(images, PROMPTS)
+    assert got == want  # same model, same tokens, greedy: the server path changes nothing
+    assert served.stats.answers == 3 and served.stats.failed == 0
+    assert served.stats.over_long == sum(len(a.split()) == 6 for a in got)
+
+
+def test_openai_failure_keeps_finished_answers(tiny, images, server):
+    class OneBad(OpenAICaptioner):
+        def _ask(self, image, prompt, stop):
+            if prompt == "boom": raise ValueError("boom")
+            return super()._ask(image, prompt, stop)
+    cap = OneBad(server, str(tiny), max_tokens=3, concurrency=2, retries=0)
+    with pytest.raises(CaptionerError, match="1 of 3 requests") as e:
+        cap.describe(images, [PROMPTS[0], "boom", PROMPTS[2]])
+    answers = e.value.answers
+    assert answers[1] is None and isinstance(answers[0], str) and isinstance(answers[2], str)
+    assert cap.stats.answers == 2 and cap.stats.failed == 1
+
+
+def test_match_answer():
+    classes = ["car", "sports car", "Sunflower", "cheese_cake", "bus", "van"]
+    assert match_answer("Sports Car.", classes) == 1
+    assert match_answer("cheese-cake!", classes) == 3
+    assert match_answer("The image shows a sports car.", classes) == 1  # longest contained
+    assert match_answer("a car", classes) == 0
+    assert match_answer("a bus or a van", classes) is None              # ambiguous
+    assert match_answer("sunflowers", classes) == 2                     # close spelling
+    assert match_answer("carpet", ["car", "pet"]) is None
+    assert match_answer("", classes) is None and match_answer("?!", classes) is None
+
+
+class Scripted:
+    """Fixed answers in order: a stand-in for the captioner interface in bookkeeping tests."""
+    model_id = "scripted"
+
+    def __init__(self, answers): self.answers, self.asked = list(answers), 0
+
+    def describe(self, images, prompts):
+        self.asked += len(images)
+        out, self.answers = self.answers[:len(images)], self.answers[len(images):]
+        return out
+
+
+def test_llava_zero_shot_scores_and_resumes(tmp_path):
+    for k in range(4): Image.new("RGB", (8, 8), (50 * k, 0, 0)).save(tmp_path / f"{k}.png")
+    (tmp_path / "4.png").write_bytes(b"not a png")
+    split = Split(tmp_path, [f"{k}.png" for k in range(5)], [0, 1, 1, 0, 1], ["circle", "square"])
+    cache = tmp_path / "zs.jsonl"
+    res = llava_zero_shot(Scripted(["Circle.", "a red square", "circle", "no idea"]), split, batch_size=3, cache_file=cache)
+    assert res["preds"].tolist() == [0, 1, 0, -1, -1]                  # the unreadable image is unmatched
+    assert res["top1"] == pytest.approx(2 / 5) and res["match_rate"] == pytest.approx(3 / 5)
+    assert len(cache.read_text().splitlines()) == 4                   # the unreadable one is not cached
+    with open(cache, "a") as f: f.write('{"id": "0.png", "ans')         # torn record from a crash
+    again = Scripted([])
+    assert llava_zero_shot(again, split, cache_file=cache)["preds"].tolist() == [0, 1, 0, -1, -1] and again.asked == 0
+    other = Scripted(["square"] * 4)
+    other.model_id = "another-model"                                   # cached answers of another model are not reused
+    assert llava_zero_shot(other, split, cache_file=cache)["preds"].tolist() == [1, 1, 1, 1, -1] and other.asked == 4
+    assert all(json.loads(l)["model"] in ("scripted", "another-model") for l in cache.read_text().splitlines()[-4:])
+
+
+def test_llava_zero_shot_needs_labels(tmp_path):
+    with pytest.raises(ValueError, match="labeled"):
+        llava_zero_shot(Scripted([]), Split(tmp_path, ["a.png"], None, ["x", "y"]))
+
+
+def test_llava_zero_shot_on_tiny_model(tiny, tmp_path):
+    for k in range(3): noise(40, 50, k).save(tmp_path / f"{k}.png")
+    split = Split(tmp_path, [f"{k}.png" for k in range(3)], [0, 1, 0], ["red", "green"])
+    cap = LlavaCaptioner(tiny, max_new_tokens=3)
+    res = llava_zero_shot(cap, split, batch_size=2)
+    assert len(res["answers"]) == 3 and res["preds"].shape == (3,)
+    assert res["preds"].tolist() == [-1 if (c := match_answer(a, split.classnames)) is None else c for a in res["answers"]]
