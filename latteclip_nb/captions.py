@@ -7,8 +7,8 @@ __all__ = ['KINDS', 'CLIP_TEXT_TOKENS', 'shard_file', 'record_key', 'CaptionStor
            'shard_of', 'clip_token_count', 'caption_stats', 'Texts', 'run_captioner', 'merge_captions',
            'describe_dataset', 'caption_parser', 'build_captioner', 'main']
 
-# %% ../nbs/05a_captions.ipynb #fd2003c1
-import argparse, hashlib, importlib, inspect, json, logging, os, sys, time
+# %% ../nbs/05a_captions.ipynb #a4d10bd2
+import argparse, hashlib, importlib, json, logging, os, sys, time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from .collage import Group, as_label_array, make_collage, sample_groups, sample_
 from .data import load_image
 from .prompts import group_prompt, image_prompt
 
-# %% ../nbs/05a_captions.ipynb #aa0acbef
+# %% ../nbs/05a_captions.ipynb #f774a4b8
 KINDS = ("image", "group")
 
 def shard_file(root, shard: int) -> Path:
@@ -51,7 +51,7 @@ def _read_records(path: Path):
         except (json.JSONDecodeError, KeyError, TypeError): bad += 1
     return records, end, bad
 
-# %% ../nbs/05a_captions.ipynb #e65206ee
+# %% ../nbs/05a_captions.ipynb #63127095
 class CaptionStore:
     """Crash-safe caption store: one append-only JSONL file per shard in `root`, all shards read together."""
     def __init__(self,
@@ -139,7 +139,7 @@ class CaptionStore:
     def __del__(self): self.close()
     def __repr__(self): return f"CaptionStore({str(self.root)!r}, shard={self.shard}, {len(self)} captions)"
 
-# %% ../nbs/05a_captions.ipynb #00e34ac1
+# %% ../nbs/05a_captions.ipynb #cb110d4f
 @dataclass(frozen=True)
 class WorkItem:
     """One caption to produce: an image or a group collage, its store id, prompt and member indices."""
@@ -165,7 +165,7 @@ class Work:
         """The items to describe, each key once, in order."""
         return list({(it.kind, it.item_id, it.prompt): it for it in self.images + self.group_items}.values())
 
-# %% ../nbs/05a_captions.ipynb #27fb7cea
+# %% ../nbs/05a_captions.ipynb #85d0acac
 def caption_work(spec, split, c_zs, kinds=KINDS, seed: int = 0, images_per_group: int = 4,
                  groups_per_class: int | None = None, group_labels=None, n_correct: int | None = None) -> Work:
     """The image and group items to describe for `split`, given its zero-shot labels `c_zs`."""
@@ -189,13 +189,13 @@ def caption_work(spec, split, c_zs, kinds=KINDS, seed: int = 0, images_per_group
         group_items = [WorkItem("group", g.item_id(split.ids), p, tuple(g.members)) for g in groups]
     return Work(len(split), images, groups, group_items, groups_per_class is None)
 
-# %% ../nbs/05a_captions.ipynb #1776dba0
+# %% ../nbs/05a_captions.ipynb #e1d8034b
 def shard_of(item: WorkItem, num_shards: int) -> int:
     """The shard (0 .. num_shards - 1) that describes `item`: a stable hash of its kind, id and prompt."""
     h = hashlib.blake2b("\x1f".join((item.kind, item.item_id, item.prompt)).encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") % num_shards
 
-# %% ../nbs/05a_captions.ipynb #6879fe85
+# %% ../nbs/05a_captions.ipynb #fd7c64a8
 CLIP_TEXT_TOKENS = 75  # CLIP's 77-token context minus its start and end tokens
 
 @lru_cache(maxsize=1)
@@ -212,7 +212,7 @@ def caption_stats(texts: list[str]) -> dict:
     return {"n": len(texts), "empty": sum(not t.strip() for t in texts),
             "too_long": sum(clip_token_count(t) > CLIP_TEXT_TOKENS for t in texts)}
 
-# %% ../nbs/05a_captions.ipynb #bb9aa187
+# %% ../nbs/05a_captions.ipynb #fee2b8ba
 @dataclass
 class Texts:
     """LMM descriptions of a training split: per image (split order) and per group, with group labels."""
@@ -234,7 +234,7 @@ class Texts:
         return cls(d["image"], d["group"], torch.tensor(d["group_label"], dtype=torch.long),
                    torch.tensor(d["group_of"], dtype=torch.long), d.get("stats", {}))
 
-# %% ../nbs/05a_captions.ipynb #6f4ab25b
+# %% ../nbs/05a_captions.ipynb #e9dd6169
 def _item_image(split, item: WorkItem):
     "The picture the LMM sees for `item`: the image itself, or the collage of the group's members."
     if item.kind == "image": return load_image(split.paths[item.members[0]])
@@ -292,7 +292,7 @@ def run_captioner(captioner, split, items: list, store: CaptionStore, batch_size
         pool.shutdown(wait=True); bar.close()
     return counts
 
-# %% ../nbs/05a_captions.ipynb #29efee54
+# %% ../nbs/05a_captions.ipynb #c4e8483d
 def _missing_report(missing: list, total: int, num_shards: int) -> str:
     per = Counter(shard_of(it, num_shards) for it in missing)
     where = ", ".join(f"shard {s}: {n}" for s, n in sorted(per.items())) if num_shards > 1 else ""
@@ -312,7 +312,7 @@ def merge_captions(store: CaptionStore, work: Work, model: str):
     texts.stats = {"image": caption_stats(image), "group": caption_stats(group), "unreadable": errors}
     return texts, []
 
-# %% ../nbs/05a_captions.ipynb #b9716793
+# %% ../nbs/05a_captions.ipynb #f58f3f22
 def describe_dataset(
     spec,                        # DatasetSpec: prompts of the domain
     split,                       # the training Split (split order = Texts order)
@@ -364,7 +364,7 @@ def describe_dataset(
                         f"(over-long = more than {CLIP_TEXT_TOKENS} CLIP tokens: CLIP truncates them)")
     return texts
 
-# %% ../nbs/05a_captions.ipynb #476fdd77
+# %% ../nbs/05a_captions.ipynb #df710633
 def caption_parser() -> argparse.ArgumentParser:
     """The command-line interface of `latteclip-caption`."""
     p = argparse.ArgumentParser(prog="latteclip-caption", description="Write LMM image and group descriptions of a "
@@ -383,7 +383,8 @@ def caption_parser() -> argparse.ArgumentParser:
     a.add_argument("--n-correct", type=int, default=None, help="Table 4: members of the true class (ground-truth groups)")
     a.add_argument("--seed", type=int, default=0, help="group sampling seed")
     a = p.add_argument_group("captioner")
-    a.add_argument("--backend", choices=("llava", "openai", "tiny", "simulated"), default="llava")
+    a.add_argument("--backend", choices=("auto", "llava", "openai", "tiny", "simulated"), default="auto",
+                   help="auto: simulated for shapes, openai when --server-url is given, else llava")
     a.add_argument("--model", help="LLaVA checkpoint, served model name, or tiny-model folder")
     a.add_argument("--server-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     a.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
@@ -402,7 +403,7 @@ def caption_parser() -> argparse.ArgumentParser:
     a.add_argument("--save-texts", help="also write the merged Texts to this JSON file when complete")
     return p
 
-# %% ../nbs/05a_captions.ipynb #aecd074a
+# %% ../nbs/05a_captions.ipynb #fd4b889c
 def _dataset(args):
     "The spec and training split named by the arguments."
     from latteclip_nb import data
@@ -429,29 +430,40 @@ def _zero_shot_labels(spec, split, args):
     pl = zero_shot_pseudo_labels(model, eval_tf, tokenizer, split, spec.template, cache, key, device=args.device)
     return pl.c_zs
 
-def build_captioner(args, spec=None):
-    """The captioner the command-line arguments ask for (`spec`: the dataset, for the simulated one)."""
-    if args.backend == "simulated":
-        try: shapes = importlib.import_module("latteclip_nb.shapes")
-        except ImportError as e: raise ValueError(f"--backend simulated needs latteclip_nb.shapes ({e})") from e
-        if getattr(spec, "kind", None) == "shapes" and hasattr(shapes, "describer_for"):
-            return shapes.describer_for(spec, seed=args.seed)   # the error rates of that shapes world
-        cls = next((getattr(shapes, n) for n in ("SimulatedDescriber", "SimulatedCaptioner") if hasattr(shapes, n)), None)
-        if cls is None: raise ValueError("latteclip_nb.shapes provides no simulated captioner; use another --backend")
-        return cls(seed=args.seed) if "seed" in inspect.signature(cls).parameters else cls()
+def build_captioner(backend: str = "auto",   # auto | llava | openai | tiny | simulated
+                    spec=None,                # the dataset (auto and simulated look at it)
+                    model: str = "",          # LLaVA checkpoint or folder, or the served model name
+                    server_url: str = "",     # OpenAI-compatible base URL
+                    single_view: bool = True, # LLaVA sees the 336x336 global view only
+                    batch_size: int = 8,
+                    device=None,
+                    seed: int = 0,            # the simulated describer's seed
+                    api_key: str = "EMPTY",
+                    concurrency: int = 8):
+    """The captioner for a backend name; `auto` = simulated for the shapes world, a server if a URL is given, else LLaVA."""
+    if backend == "auto":
+        backend = "simulated" if getattr(spec, "kind", None) == "shapes" else ("openai" if server_url else "llava")
+    if backend == "simulated":
+        if getattr(spec, "kind", None) != "shapes":
+            raise ValueError(f"the simulated describer only works on the shapes world, not {getattr(spec, 'name', spec)!r}: "
+                             "use llava, openai or tiny")
+        from latteclip_nb import shapes
+        return shapes.describer_for(spec, seed=seed)
     from latteclip_nb import captioners
-    if args.backend == "openai":
-        if not (args.server_url and args.model):
-            raise ValueError("--backend openai needs --server-url (e.g. http://localhost:8000/v1) and --model (the served name)")
-        return captioners.OpenAICaptioner(args.server_url, args.model, api_key=args.api_key, concurrency=args.concurrency)
-    if args.backend == "tiny":
-        path = Path(args.model) if args.model else cache_root()/"tiny-llava"
+    if backend == "openai":
+        if not server_url:
+            raise ValueError("the openai backend needs a server URL, e.g. http://localhost:8000/v1 "
+                             "(start one with `vllm serve llava-hf/llava-v1.6-mistral-7b-hf`)")
+        return captioners.OpenAICaptioner(server_url, model or captioners.LLAVA_MODEL, api_key=api_key, concurrency=concurrency)
+    if backend == "tiny":
+        path = Path(model) if model else cache_root()/"tiny-llava"
         if not (path/"config.json").exists(): captioners.build_tiny_llava(path)
-        return captioners.LlavaCaptioner(str(path), single_view=not args.anyres, device=args.device, batch_size=args.batch_size)
-    return captioners.LlavaCaptioner(args.model or "llava-hf/llava-v1.6-mistral-7b-hf", single_view=not args.anyres,
-                                     device=args.device, batch_size=args.batch_size)
+        return captioners.LlavaCaptioner(str(path), single_view=single_view, device=device, batch_size=batch_size)
+    if backend == "llava":
+        return captioners.LlavaCaptioner(model or captioners.LLAVA_MODEL, single_view=single_view, device=device, batch_size=batch_size)
+    raise ValueError(f"unknown captioner backend {backend!r}: choose auto, llava, openai, tiny or simulated")
 
-# %% ../nbs/05a_captions.ipynb #38c4a095
+# %% ../nbs/05a_captions.ipynb #d97431ca
 def main(argv=None) -> int:
     """`latteclip-caption`: describe a dataset's training images and groups into the caption store."""
     args = caption_parser().parse_args(argv)
@@ -462,7 +474,9 @@ def main(argv=None) -> int:
         spec, split = _dataset(args)
         out = Path(args.out) if args.out else cache_root()/"captions"/spec.name
         c_zs = _zero_shot_labels(spec, split, args)
-        captioner = build_captioner(args, spec)
+        captioner = build_captioner(args.backend, spec, model=args.model, server_url=args.server_url,
+                                    single_view=not args.anyres, batch_size=args.batch_size, device=args.device,
+                                    seed=args.seed, api_key=args.api_key, concurrency=args.concurrency)
         texts = describe_dataset(spec, split, c_zs, captioner, out, kinds=args.kind, batch_size=args.batch_size,
                                  shard=args.shard, num_shards=args.num_shards, seed=args.seed,
                                  images_per_group=args.images_per_group, groups_per_class=args.groups_per_class,
