@@ -3,6 +3,7 @@ import json, logging, subprocess, sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
@@ -401,6 +402,21 @@ def test_pseudo_label_key_tracks_checkpoint_file(tmp_path):
     f.write_bytes(b"22")
     k2 = C.pseudo_label_key({"model": "m", "pretrained": str(f), "dataset": "d", "split": "train"}, "{}", ["a", "b"], 5)
     assert k1 != k2
+
+
+def test_pseudo_label_cache_tracks_image_folder(tiny, toy, tmp_path):
+    """Same relative ids under another folder (a re-rendered world, a second copy) are a miss, not stale labels."""
+    import shutil
+    model, _, eval_tf, tok = tiny
+    tr, tpl, cache = toy["train"], "a photo of a {}.", tmp_path / "cache"
+    key = {"model": "latte-tiny", "pretrained": None, "dataset": "dtd", "split": "train"}
+    first = C.zero_shot_pseudo_labels(model, eval_tf, tok, tr, tpl, cache, key, k=3)
+    copy = tmp_path / "copy"; shutil.copytree(tr.root, copy)
+    for p in (copy / i for i in tr.ids): Image.fromarray(255 - np.asarray(Image.open(p).convert("RGB"))).save(p)
+    moved = C.zero_shot_pseudo_labels(model, eval_tf, tok, Split(copy, tr.ids, tr.labels, tr.classnames), tpl, cache, key, k=3)
+    assert not moved.cached and len(list(cache.glob("*.json"))) == 2
+    assert C.zero_shot_pseudo_labels(model, eval_tf, tok, tr, tpl, cache, key, k=3).cached
+    assert not torch.equal(moved.scores, first.scores)
 
 
 def test_zero_shot_eval(tiny, toy):
