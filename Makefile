@@ -32,8 +32,8 @@ test: sync-check nbtest pytest
 
 demo: $(STAMP)
 	mkdir -p out
-	cd nbs && ../$(BIN)/papermill 90_experiment.ipynb ../out/demo.ipynb --cwd . 
-	@echo "metrics: out/demo/metrics.json  notebook: out/demo.ipynb"
+	$(BIN)/papermill nbs/90_experiment.ipynb out/demo.ipynb -p out_dir out/demo
+	@echo "executed notebook: out/demo.ipynb   metrics and figures: out/demo/"
 
 clean:
 	rm -rf $(VENV) out

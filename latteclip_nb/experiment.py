@@ -7,7 +7,7 @@ __all__ = ['METHODS', 'PAPER_TABLE1', 'ExperimentConfig', 'paper_top1', 'resolve
            'git_commit', 'run_experiment', 'config_parser', 'main', 'run_dir', 'sweep', 'collect', 'summarize',
            'markdown_table']
 
-# %% ../nbs/13_experiment.ipynb #42450774
+# %% ../nbs/13_experiment.ipynb #2ec45d44
 import argparse, dataclasses, json, os, subprocess, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .core import atomic_write_json, cache_root, get_device, log, seed_everything
 
-# %% ../nbs/13_experiment.ipynb #de55543e
+# %% ../nbs/13_experiment.ipynb #63d7cde3
 METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
 
 @dataclass
@@ -81,7 +81,7 @@ class ExperimentConfig:
                                  if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)]
         return "-".join(parts + ([self.tag] if self.tag else []) + [f"seed{self.seed}"]).replace("/", "_")
 
-# %% ../nbs/13_experiment.ipynb #1b5c18cf
+# %% ../nbs/13_experiment.ipynb #122d20a2
 PAPER_TABLE1 = {
     "oracle":    dict(eurosat=94.46, sun397=77.45, food101=85.01, flowers102=87.90, dtd=76.65, fgvc_aircraft=37.95, oxford_pets=92.42, stanford_cars=90.21, ucf101=79.49, caltech101=96.02),
     "llava_zs":  dict(eurosat=44.78, sun397=15.74, food101=29.81, flowers102=6.58, dtd=20.27, fgvc_aircraft=3.18, oxford_pets=28.92, stanford_cars=3.38, ucf101=44.25, caltech101=75.38),
@@ -95,7 +95,7 @@ def paper_top1(method: str, dataset: str):
     """The paper's Table 1 top-1 (%) for a method and dataset, or None."""
     return PAPER_TABLE1.get(method, {}).get(dataset)
 
-# %% ../nbs/13_experiment.ipynb #132fc710
+# %% ../nbs/13_experiment.ipynb #a65ceabe
 def resolve_data(cfg: ExperimentConfig):
     """The dataset spec and its {"train", "test"} splits for a config."""
     from latteclip_nb import data
@@ -123,7 +123,7 @@ def make_captioner(cfg: ExperimentConfig, spec):
     return build_captioner(cfg.captioner, spec, model=cfg.captioner_model, server_url=cfg.server_url,
                            single_view=cfg.single_view, batch_size=cfg.caption_batch_size)
 
-# %% ../nbs/13_experiment.ipynb #4c50786a
+# %% ../nbs/13_experiment.ipynb #9f827a70
 def git_commit() -> str | None:
     """The package's git commit (with `-dirty` for uncommitted changes), or None outside a checkout."""
     here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -179,7 +179,7 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     class_texts = [class_description(spec, c) for c in classnames]
     metrics = dict(method=cfg.method, dataset=spec.name, model=arch, pretrained=pretrained, n_train=len(train_split),
                    n_test=len(test_split), n_classes=len(classnames), classnames=classnames)
-    from latteclip_nb.evaluate import evaluate
+    from latteclip_nb.evaluate import accuracy_report, evaluate
     zs = evaluate(model, eval_tf, test_split, text_classifier(model, tokenizer, classnames, [spec.template], device=device),
                   batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers)
     metrics["zeroshot_top1"] = _pct(zs["top1"])
@@ -224,10 +224,12 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
                           num_workers=cfg.num_workers)
         metrics["classifier_path"] = str(res.classifier_path) if res.classifier_path else None
+    if "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
+        result = {**result, **accuracy_report(result["preds"], test_split.labels, len(classnames))}
     metrics.update(top1=_pct(result["top1"]), per_class=[_pct(a) for a in result["per_class"]],
                    paper_top1=paper_top1(cfg.method, spec.name), captioner=captioner_id, history=history,
                    config=asdict(cfg), git_commit=git_commit(), wall_time_s=round(time.time() - t0, 1))
-    if "confusion" in result: _save_figures(result, history, classnames, out)
+    _save_figures(result, history, classnames, out)
     atomic_write_json(metrics_path, metrics)
     _barrier()
     return metrics
@@ -258,7 +260,7 @@ def _save_figures(result, history, classnames, out):
     if history:
         fig = plot_history(history); fig.savefig(figs/"history.png", dpi=90); plt.close(fig)
 
-# %% ../nbs/13_experiment.ipynb #9ef79148
+# %% ../nbs/13_experiment.ipynb #c9b6e6b3
 def _parse_bool(s: str) -> bool:
     if s.lower() in {"1", "true", "yes", "y", "on"}: return True
     if s.lower() in {"0", "false", "no", "n", "off"}: return False
@@ -282,7 +284,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e: sys.exit(f"latteclip-train: {e}")
     if m: print(json.dumps({k: m[k] for k in ("method", "dataset", "top1", "zeroshot_top1", "paper_top1") if k in m}))
 
-# %% ../nbs/13_experiment.ipynb #ed665548
+# %% ../nbs/13_experiment.ipynb #74f0cdc0
 def run_dir(out_root, params: dict) -> Path:
     """Where the run of `params` (ExperimentConfig fields) writes under `out_root`."""
     cfg = ExperimentConfig(**params)
