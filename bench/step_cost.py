@@ -2,7 +2,7 @@
 
 Same model (the real ViT-B-32 architecture with random weights: speed does not depend on the values), same batch,
 same optimizer; the methods take turns (the order rotates every repetition) and the medians are compared. The
-ratios are printed last. Targets (issue 5): exact <= 1.45 x flyp_pl, fast <= 1.0 x flyp_pl.
+ratios are printed last. Targets: exact <= 1.45 x flyp_pl, fast <= 1.0 x flyp_pl.
 
     .venv/bin/python bench/step_cost.py                 # batch 8, 5 repetitions, 1 thread: ~2 minutes on a CPU
     .venv/bin/python bench/step_cost.py --batch 32 --device cuda --reps 20

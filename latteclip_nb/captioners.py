@@ -9,7 +9,7 @@ __all__ = ['LLAVA_MODEL', 'LLAVA_PINPOINTS', 'TINY_SPECIAL', 'TINY_TEXT', 'TINY_
            'LlavaCaptioner', 'CaptionerError', 'with_retries', 'image_data_url', 'OpenAICaptioner', 'free_port',
            'transformers_server', 'match_answer', 'llava_zero_shot']
 
-# %% ../nbs/05_captioners.ipynb #be69385e
+# %% ../nbs/05_captioners.ipynb #c71b3ba2
 import base64, difflib, io, json, logging, os, random, re, shutil, socket, subprocess, sys, tempfile, threading, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -31,7 +31,7 @@ from .core import get_device, log
 from .data import load_image
 from .prompts import llava_chat, llava_zero_shot_prompt
 
-# %% ../nbs/05_captioners.ipynb #528dbcb1
+# %% ../nbs/05_captioners.ipynb #af26aa78
 LLAVA_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"  # the paper's LMM: LLaVA-1.6 with Mistral-7B
 LLAVA_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-1.6's anyres grids (h, w)
 
@@ -64,7 +64,7 @@ def _check_pairs(images, prompts):
     if len(images) != len(prompts):
         raise ValueError(f"describe() needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
 
-# %% ../nbs/05_captioners.ipynb #c6689fd8
+# %% ../nbs/05_captioners.ipynb #a37f3102
 TINY_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "[INST]", "[/INST]"]
 TINY_TEXT = """Describe the texture in the photo concisely, less than 20 words.
 Describe the common visual attributes of the flowers in all the photos concisely, less than 20 words.
@@ -141,7 +141,7 @@ def build_tiny_llava(path, seed: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
-# %% ../nbs/05_captioners.ipynb #14de1570
+# %% ../nbs/05_captioners.ipynb #98fd228a
 def single_view_config(config: LlavaNextConfig) -> LlavaConfig:
     """The `LlavaConfig` that reads a LLaVA-NeXT checkpoint as a single-view LLaVA."""
     return LlavaConfig(vision_config=config.vision_config, text_config=config.text_config,
@@ -177,7 +177,7 @@ def load_single_view_model(model_id, config: LlavaNextConfig, **kwargs) -> Llava
                            f"unused {unused}, mismatched {info.get('mismatched_keys')}; use single_view=False")
     return model
 
-# %% ../nbs/05_captioners.ipynb #53577a6a
+# %% ../nbs/05_captioners.ipynb #a3e5d486
 def llava_precision(quantize="auto", device=None) -> tuple[str, torch.dtype, BitsAndBytesConfig | None]:
     """Resolve `quantize` for `device` to (name, torch dtype, bitsandbytes config or None)."""
     device = get_device(device)
@@ -193,7 +193,7 @@ def llava_precision(quantize="auto", device=None) -> tuple[str, torch.dtype, Bit
     if q not in dtypes: raise ValueError(f"quantize={quantize!r}: use 'auto', 'nf4', 'fp16', 'bf16' or 'fp32'")
     return q, dtypes[q], None
 
-# %% ../nbs/05_captioners.ipynb #6d1a2f50
+# %% ../nbs/05_captioners.ipynb #9f91a04b
 def load_llava(model_id=LLAVA_MODEL, single_view=True, dtype=torch.float32, quantization_config=None, device="cpu"):
     """Load a LLaVA-NeXT checkpoint as `(model, processor)`: single global view or full anyres."""
     device = torch.device(device)
@@ -219,7 +219,7 @@ def load_llava(model_id=LLAVA_MODEL, single_view=True, dtype=torch.float32, quan
     processor.tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
     return model.eval(), processor
 
-# %% ../nbs/05_captioners.ipynb #8bac60d8
+# %% ../nbs/05_captioners.ipynb #5af97c19
 class LlavaCaptioner:
     """LLaVA-1.6 captioner in this process (transformers): batched greedy answers, one per (image, prompt)."""
     def __init__(self,
@@ -259,7 +259,7 @@ class LlavaCaptioner:
         self.stats.seconds += time.perf_counter() - t0
         return answers
 
-# %% ../nbs/05_captioners.ipynb #97d870d2
+# %% ../nbs/05_captioners.ipynb #37cbff3b
 class CaptionerError(RuntimeError):
     """A batch of requests did not finish; `.answers` keeps the finished ones (None where a request failed)."""
     def __init__(self, message: str, answers: list):
@@ -286,7 +286,7 @@ def image_data_url(image: Image.Image) -> str:
     image.convert("RGB").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
-# %% ../nbs/05_captioners.ipynb #f48028db
+# %% ../nbs/05_captioners.ipynb #0c7b4a44
 class OpenAICaptioner:
     """Captioner behind any OpenAI-compatible chat-completions server (vLLM, SGLang, transformers serve, Ollama)."""
     def __init__(self,
@@ -355,7 +355,7 @@ class OpenAICaptioner:
         if errors: raise CaptionerError(self._failure(errors, n), answers)
         return answers
 
-# %% ../nbs/05_captioners.ipynb #b04dfc31
+# %% ../nbs/05_captioners.ipynb #3e54ad92
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now."""
     with socket.socket() as s:
@@ -400,7 +400,7 @@ def transformers_server(model_dir, port: int | None = None, host: str = "127.0.0
         logf.close()
         if not keep_log: os.unlink(logf.name)
 
-# %% ../nbs/05_captioners.ipynb #bd29cb03
+# %% ../nbs/05_captioners.ipynb #9fc246e4
 def _normalise(text: str) -> str:
     return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
 
@@ -417,7 +417,7 @@ def match_answer(answer: str, classnames, cutoff: float = 0.8) -> int | None:
     close = difflib.get_close_matches(a, [n for n in names if n], n=1, cutoff=cutoff)
     return names.index(close[0]) if close else None
 
-# %% ../nbs/05_captioners.ipynb #07857bec
+# %% ../nbs/05_captioners.ipynb #700231a6
 def _read_answers(path: Path, model_id: str, prompt: str) -> dict:
     done = {}
     if path.exists():

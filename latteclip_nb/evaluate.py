@@ -6,7 +6,7 @@
 __all__ = ['class_vectors', 'accuracy_report', 'evaluate', 'save_results', 'load_results', 'plot_per_class', 'plot_confusion',
            'plot_history']
 
-# %% ../nbs/10_evaluate.ipynb #a54138db
+# %% ../nbs/10_evaluate.ipynb #8783ffae
 import json, math
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from .clip import encode_images
 from .core import atomic_write_json
 from .data import ImageDataset
 
-# %% ../nbs/10_evaluate.ipynb #ad34dac0
+# %% ../nbs/10_evaluate.ipynb #f5d5b1c2
 def class_vectors(classifier) -> torch.Tensor:
     """[C, D] unit class vectors from a tensor, a PrototypeBank or a train.Classifier."""
     if hasattr(classifier, "prototypes"): classifier = classifier.prototypes
@@ -59,7 +59,7 @@ def evaluate(
     if ds.bad: preds[sorted(ds.bad)] = -1
     return accuracy_report(preds, torch.tensor(split.labels), len(split.classnames))
 
-# %% ../nbs/10_evaluate.ipynb #efb47478
+# %% ../nbs/10_evaluate.ipynb #b65d450b
 def _jsonable(x):
     "Tensors and arrays as lists, NaN and inf as None, recursively."
     if isinstance(x, (torch.Tensor, np.ndarray)): return _jsonable(x.tolist())
@@ -77,7 +77,7 @@ def load_results(path) -> dict:
     """Read `save_results` output (lists; None for undefined per-class accuracies)."""
     return json.loads(Path(path).read_text())
 
-# %% ../nbs/10_evaluate.ipynb #e9813c71
+# %% ../nbs/10_evaluate.ipynb #0784827e
 def plot_per_class(result: dict, classnames: list, ax=None):
     """Bar plot of per-class top-1 (%), sorted; readable from 2 to ~400 classes."""
     import matplotlib.pyplot as plt, seaborn as sns

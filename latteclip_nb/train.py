@@ -8,7 +8,7 @@ __all__ = ['METHODS', 'TrainConfig', 'param_groups', 'cosine_lr', 'make_optimize
            'latte_targets', 'dist_info', 'resolve_precision', 'Trainer', 'rng_state', 'set_rng_state',
            'export_classifier', 'Classifier', 'load_classifier', 'TrainResult', 'train']
 
-# %% ../nbs/09_train.ipynb #801777db
+# %% ../nbs/09_train.ipynb #58522560
 import contextlib, json, math, os, random, tempfile, time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -28,7 +28,7 @@ from .loss import contrastive_loss, latte_loss
 from .mixer import blend, margin_weights, mix_features
 from .prototypes import PrototypeBank
 
-# %% ../nbs/09_train.ipynb #6f01ad57
+# %% ../nbs/09_train.ipynb #76932126
 METHODS = ("latteclip", "flyp_pl", "oracle")
 _CHOICES = dict(method=METHODS, group_sampling=("class", "own"), text_grad=("exact", "fast"),
                 pseudo=("online", "fixed"), precision=("auto", "fp32", "bf16", "fp16"))
@@ -37,9 +37,9 @@ _FREE_FIELDS = {"ckpt_every", "num_workers", "log_every", "resume", "keep_checkp
 
 @dataclass
 class TrainConfig:
-    """Every knob of one fine-tuning run; the defaults are the reference recipe (METHOD.md §8)."""
+    """Every knob of one fine-tuning run; the defaults are the reference recipe."""
     method: str = "latteclip"      # latteclip | flyp_pl | oracle
-    epochs: int = 15               # per-dataset table in METHOD.md §8
+    epochs: int = 15               # per-dataset values in data.DatasetSpec
     warmup_steps: int = 40         # linear warm-up, in optimizer steps
     lr: float = 1e-7
     batch_size: int = 512          # images per optimizer step, over all processes
@@ -91,7 +91,7 @@ class TrainConfig:
             if not (self.use_zs or self.use_ft): raise ValueError("use_zs and use_ft are both False: there is no loss left")
         return self
 
-# %% ../nbs/09_train.ipynb #8493428f
+# %% ../nbs/09_train.ipynb #d0a2ed69
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     """AdamW parameter groups: weight decay on >= 2-D tensors only (not on biases, norms or the logit scale)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,7 +110,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, d
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine_lr(t, cfg.warmup_steps, total_steps))
 
-# %% ../nbs/09_train.ipynb #536e41f7
+# %% ../nbs/09_train.ipynb #5345291e
 def seeded_hash(*keys) -> np.ndarray:
     """SplitMix64 hash of integer keys (scalars or broadcastable arrays) as uint64."""
     h = np.zeros((), dtype=np.uint64)
@@ -131,7 +131,7 @@ def seeded_int(*keys) -> int:
     """A non-negative int63 determined by integer keys (a torch seed)."""
     return int(seeded_hash(*keys) >> np.uint64(1))
 
-# %% ../nbs/09_train.ipynb #6a52c3d5
+# %% ../nbs/09_train.ipynb #4b217cd5
 class EpochBatches(Sampler):
     """This process's micro-batches of one epoch as (epoch, index) keys: seeded order, global batches, micro-batches, shards."""
     def __init__(self, n: int, batch_size: int, grad_accum: int = 1, seed: int = 0, drop_last: bool = True,
@@ -165,7 +165,7 @@ class EpochBatches(Sampler):
 
     def __len__(self): return max(0, self.stop - self.start) * self.grad_accum
 
-# %% ../nbs/09_train.ipynb #2cae629d
+# %% ../nbs/09_train.ipynb #e453da71
 @contextlib.contextmanager
 def seeded_generators(seed: int):
     """Run a block with torch's CPU, Python's and NumPy's global generators seeded by `seed`, then restore them."""
@@ -195,7 +195,7 @@ def collate_views(batch):
     if not batch: return None
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long)
 
-# %% ../nbs/09_train.ipynb #480e71ec
+# %% ../nbs/09_train.ipynb #5421a365
 def _tokenize(tokenizer, strings: list, chunk: int = 4096) -> torch.Tensor:
     "Token ids of many strings, in chunks, with a progress bar when there are many."
     parts = [tokenizer(strings[i:i + chunk]) for i in tqdm(range(0, len(strings), chunk), desc="tokenizing",
@@ -253,7 +253,7 @@ class TextTable:
             pick, has = torch.where(own >= 0, own, pick), (own >= 0) | has
         return self.group_id[pick], has
 
-# %% ../nbs/09_train.ipynb #bfe0d98b
+# %% ../nbs/09_train.ipynb #8eb9da51
 def _can_pack(model) -> bool:
     "True for open_clip's CLIP text tower: causal, pooled at the end-of-text token, standard residual blocks."
     import open_clip
@@ -296,7 +296,7 @@ def encode_tokens(model, tokens: torch.Tensor) -> torch.Tensor:
     x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
     return F.normalize(x, dim=-1)[torch.argsort(order.to(tokens.device))]
 
-# %% ../nbs/09_train.ipynb #bce972c5
+# %% ../nbs/09_train.ipynb #8adda3f6
 def latte_targets(
     f_class_zs: torch.Tensor,  # [B, D] class-description features of c_zs
     f_class_ft: torch.Tensor,  # [B, D] class-description features of c_ft
@@ -317,7 +317,7 @@ def latte_targets(
         out.append(blend(mix_features(feats, w), p, alpha))
     return tuple(out)
 
-# %% ../nbs/09_train.ipynb #62a08e09
+# %% ../nbs/09_train.ipynb #e30d7365
 class _Towers(torch.nn.Module):
     "Image tower, then the text tower on the texts `texts_for(v)` selects: one forward for DDP."
     def __init__(self, model): super().__init__(); self.model = model
@@ -340,7 +340,7 @@ def resolve_precision(precision: str, device) -> tuple:
         precision = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision], precision == "fp16" and device.type == "cuda"
 
-# %% ../nbs/09_train.ipynb #a424ff88
+# %% ../nbs/09_train.ipynb #a2d3e6f1
 class Trainer:
     """The state of one run (model, prototype bank, optimizer, schedule, scaler, texts) and its optimizer step."""
     def __init__(self, model, tokenizer, class_texts: list, cfg: TrainConfig, total_steps: int,
@@ -488,7 +488,7 @@ class Trainer:
         self.optimizer.load_state_dict(sd["optimizer"]); self.scheduler.load_state_dict(sd["scheduler"])
         self.scaler.load_state_dict(sd["scaler"])
 
-# %% ../nbs/09_train.ipynb #410e0096
+# %% ../nbs/09_train.ipynb #2de0b8c0
 def rng_state() -> dict:
     """Torch (CPU, CUDA), NumPy and Python generator states as tensors and plain values (weights_only-loadable)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -504,7 +504,7 @@ def set_rng_state(st: dict):
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
-# %% ../nbs/09_train.ipynb #11fe7be8
+# %% ../nbs/09_train.ipynb #0a369b55
 def _save_safetensors(tensors: dict, path: Path):
     "safetensors file written atomically (temp file in the same folder, fsync, rename)."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -570,7 +570,7 @@ def load_classifier(path, device=None, model_name: Optional[str] = None) -> Clas
     weights = load_file(str(path/"classifier.safetensors"))["classifier"]
     return Classifier(model, eval_tf, weights, meta["classnames"], device, meta)
 
-# %% ../nbs/09_train.ipynb #dcdd0179
+# %% ../nbs/09_train.ipynb #4257a107
 @dataclass
 class TrainResult:
     """What `train` returns."""
@@ -618,7 +618,7 @@ def _check_inputs(split, class_texts, cfg, c_zs, texts, labels):
         if cfg.use_group and len(texts.group_of) != N: raise ValueError(f"texts.group_of must have {N} entries, got {len(texts.group_of)}")
     return c_zs, labels
 
-# %% ../nbs/09_train.ipynb #96e7033b
+# %% ../nbs/09_train.ipynb #d4737e21
 def _finished(out_dir: Path, cfg: TrainConfig, n: int) -> bool:
     "True when out_dir holds a complete export of this config on n images."
     f = out_dir/"classifier"/"classifier.json"

@@ -16,7 +16,7 @@ from latteclip_nb.data import (DATASETS, FolderDomain, ImageDataset, Split, clea
                                load_image, make_fake_dataset, read_coop_split, register_dataset, splits)
 
 
-# ---------------------------------------------------------------- prompts (every string pinned against METHOD.md)
+# ---------------------------------------------------------------- prompts (every string pinned by hand against the paper)
 _P, _G = "in the photo concisely, less than 20 words.", "in all the photos concisely, less than 20 words."
 EXPECTED = {
     "eurosat": ("a photo of a rose.", "Describe the land use in the satellite image concisely, less than 20 words.",
