@@ -7,7 +7,7 @@ __all__ = ['KINDS', 'CLIP_TEXT_TOKENS', 'shard_file', 'record_key', 'CaptionStor
            'shard_of', 'clip_token_count', 'caption_stats', 'Texts', 'run_captioner', 'merge_captions',
            'describe_dataset', 'caption_parser', 'build_captioner', 'main']
 
-# %% ../nbs/05a_captions.ipynb #76a2ee5f
+# %% ../nbs/05a_captions.ipynb #f8adea96
 import argparse, hashlib, importlib, json, logging, os, sys, time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +27,7 @@ from .collage import Group, as_label_array, make_collage, sample_groups, sample_
 from .data import load_image
 from .prompts import group_prompt, image_prompt
 
-# %% ../nbs/05a_captions.ipynb #00f32a76
+# %% ../nbs/05a_captions.ipynb #0e52b323
 KINDS = ("image", "group")
 
 def shard_file(root, shard: int) -> Path:
@@ -51,12 +51,13 @@ def _read_records(path: Path):
         except (json.JSONDecodeError, KeyError, TypeError): bad += 1
     return records, end, bad
 
-# %% ../nbs/05a_captions.ipynb #3b6848b6
+# %% ../nbs/05a_captions.ipynb #8c797dba
 class CaptionStore:
     """Crash-safe caption store: one append-only JSONL file per shard in `root`, all shards read together."""
     def __init__(self,
                  root,                     # store folder (one per dataset)
-                 shard: int | None = 0):   # the shard this process appends to; None opens the store read-only
+                 shard: int | None = 0,    # the shard this process appends to; None opens the store read-only
+                 wait: bool = False):      # if another process writes this shard: wait for it (True) or fail (False)
         self.root, self.shard, self.records, self._fd = Path(root), shard, {}, None
         if shard is not None:
             if int(shard) < 0: raise ValueError(f"shard must be >= 0, got {shard}")
@@ -64,17 +65,21 @@ class CaptionStore:
             self.path = shard_file(self.root, shard)
             new = not self.path.exists()
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            self._lock()
+            self._lock(wait)
             if new: self._sync_dir()
             self._repair()
         elif not self.root.is_dir():
             raise FileNotFoundError(f"caption store {self.root} does not exist; run latteclip-caption to create it")
         self.reload()
 
-    def _lock(self):
+    def _lock(self, wait: bool = False):
         if fcntl is None: return
         try: fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if wait:
+                log.info(f"{self.path} is being written by another process: waiting for it to finish")
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                return
             os.close(self._fd); self._fd = None
             raise RuntimeError(f"{self.path} is open in another process (shard {self.shard}); "
                                "give each process its own shard") from None
@@ -139,7 +144,7 @@ class CaptionStore:
     def __del__(self): self.close()
     def __repr__(self): return f"CaptionStore({str(self.root)!r}, shard={self.shard}, {len(self)} captions)"
 
-# %% ../nbs/05a_captions.ipynb #a01110d9
+# %% ../nbs/05a_captions.ipynb #66220c41
 @dataclass(frozen=True)
 class WorkItem:
     """One caption to produce: an image or a group collage, its store id, prompt and member indices."""
@@ -165,7 +170,7 @@ class Work:
         """The items to describe, each key once, in order."""
         return list({(it.kind, it.item_id, it.prompt): it for it in self.images + self.group_items}.values())
 
-# %% ../nbs/05a_captions.ipynb #1e63d1e5
+# %% ../nbs/05a_captions.ipynb #80bb7938
 def caption_work(spec, split, c_zs, kinds=KINDS, seed: int = 0, images_per_group: int = 4,
                  groups_per_class: int | None = None, group_labels=None, n_correct: int | None = None) -> Work:
     """The image and group items to describe for `split`, given its zero-shot labels `c_zs`."""
@@ -189,13 +194,13 @@ def caption_work(spec, split, c_zs, kinds=KINDS, seed: int = 0, images_per_group
         group_items = [WorkItem("group", g.item_id(split.ids), p, tuple(g.members)) for g in groups]
     return Work(len(split), images, groups, group_items, groups_per_class is None)
 
-# %% ../nbs/05a_captions.ipynb #ac71f4fa
+# %% ../nbs/05a_captions.ipynb #edac5bea
 def shard_of(item: WorkItem, num_shards: int) -> int:
     """The shard (0 .. num_shards - 1) that describes `item`: a stable hash of its kind, id and prompt."""
     h = hashlib.blake2b("\x1f".join((item.kind, item.item_id, item.prompt)).encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") % num_shards
 
-# %% ../nbs/05a_captions.ipynb #b00cfaf0
+# %% ../nbs/05a_captions.ipynb #d836553c
 CLIP_TEXT_TOKENS = 75  # CLIP's 77-token context minus its start and end tokens
 
 @lru_cache(maxsize=1)
@@ -212,7 +217,7 @@ def caption_stats(texts: list[str]) -> dict:
     return {"n": len(texts), "empty": sum(not t.strip() for t in texts),
             "too_long": sum(clip_token_count(t) > CLIP_TEXT_TOKENS for t in texts)}
 
-# %% ../nbs/05a_captions.ipynb #19535871
+# %% ../nbs/05a_captions.ipynb #b3148b72
 @dataclass
 class Texts:
     """LMM descriptions of a training split: per image (split order) and per group, with group labels."""
@@ -234,7 +239,7 @@ class Texts:
         return cls(d["image"], d["group"], torch.tensor(d["group_label"], dtype=torch.long),
                    torch.tensor(d["group_of"], dtype=torch.long), d.get("stats", {}))
 
-# %% ../nbs/05a_captions.ipynb #7ba54f05
+# %% ../nbs/05a_captions.ipynb #aaf2d64d
 def _item_image(split, item: WorkItem):
     "The picture the LMM sees for `item`: the image itself, or the collage of the group's members."
     if item.kind == "image": return load_image(split.paths[item.members[0]])
@@ -292,7 +297,7 @@ def run_captioner(captioner, split, items: list, store: CaptionStore, batch_size
         pool.shutdown(wait=True); bar.close()
     return counts
 
-# %% ../nbs/05a_captions.ipynb #4211ac48
+# %% ../nbs/05a_captions.ipynb #72891bc1
 def _missing_report(missing: list, total: int, num_shards: int) -> str:
     per = Counter(shard_of(it, num_shards) for it in missing)
     where = ", ".join(f"shard {s}: {n}" for s, n in sorted(per.items())) if num_shards > 1 else ""
@@ -312,7 +317,7 @@ def merge_captions(store: CaptionStore, work: Work, model: str):
     texts.stats = {"image": caption_stats(image), "group": caption_stats(group), "unreadable": errors}
     return texts, []
 
-# %% ../nbs/05a_captions.ipynb #bc45b9d1
+# %% ../nbs/05a_captions.ipynb #67605129
 def describe_dataset(
     spec,                        # DatasetSpec: prompts of the domain
     split,                       # the training Split (split order = Texts order)
@@ -345,7 +350,8 @@ def describe_dataset(
              f"{len(todo)} to do in shard {shard}/{num_shards}")
     if todo and not read_only:
         if store is not None: store.close()
-        with CaptionStore(out_dir, shard=shard) as writer:   # the shard's lock is held only while there is work
+        # the shard's lock is held only while there is work; a second run of the same shard waits, then finds it done
+        with CaptionStore(out_dir, shard=shard, wait=True) as writer:
             counts = run_captioner(captioner, split, pending(writer), writer, batch_size, workers,
                                    desc=f"{spec.name} captions" + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""))
         log.info(f"shard {shard}: wrote {counts.get('done', 0)} captions ({counts.get('empty', 0)} empty, "
@@ -366,7 +372,7 @@ def describe_dataset(
                         f"(over-long = more than {CLIP_TEXT_TOKENS} CLIP tokens: CLIP truncates them)")
     return texts
 
-# %% ../nbs/05a_captions.ipynb #cccbc0fc
+# %% ../nbs/05a_captions.ipynb #3edff1e0
 def caption_parser() -> argparse.ArgumentParser:
     """The command-line interface of `latteclip-caption`."""
     p = argparse.ArgumentParser(prog="latteclip-caption", description="Write LMM image and group descriptions of a "
@@ -405,7 +411,7 @@ def caption_parser() -> argparse.ArgumentParser:
     a.add_argument("--save-texts", help="also write the merged Texts to this JSON file when complete")
     return p
 
-# %% ../nbs/05a_captions.ipynb #c8e67826
+# %% ../nbs/05a_captions.ipynb #dd827669
 def _dataset(args):
     "The spec and training split named by the arguments."
     from latteclip_nb import data
@@ -465,7 +471,7 @@ def build_captioner(backend: str = "auto",   # auto | llava | openai | tiny | si
         return captioners.LlavaCaptioner(model or captioners.LLAVA_MODEL, single_view=single_view, device=device, batch_size=batch_size)
     raise ValueError(f"unknown captioner backend {backend!r}: choose auto, llava, openai, tiny or simulated")
 
-# %% ../nbs/05a_captions.ipynb #bd585576
+# %% ../nbs/05a_captions.ipynb #f0f712a0
 def main(argv=None) -> int:
     """`latteclip-caption`: describe a dataset's training images and groups into the caption store."""
     args = caption_parser().parse_args(argv)
