@@ -7,7 +7,7 @@ __all__ = ['METHODS', 'PAPER_TABLE1', 'ExperimentConfig', 'paper_top1', 'resolve
            'git_commit', 'run_experiment', 'config_parser', 'main', 'run_dir', 'sweep', 'collect', 'summarize',
            'markdown_table']
 
-# %% ../nbs/13_experiment.ipynb #03c64c25
+# %% ../nbs/13_experiment.ipynb #49937367
 import argparse, dataclasses, json, os, subprocess, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .core import atomic_write_json, cache_root, get_device, log, seed_everything
 
-# %% ../nbs/13_experiment.ipynb #6613480c
+# %% ../nbs/13_experiment.ipynb #9ab75de6
 METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
 
 @dataclass
@@ -81,7 +81,7 @@ class ExperimentConfig:
                                  if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)]
         return "-".join(parts + ([self.tag] if self.tag else []) + [f"seed{self.seed}"]).replace("/", "_")
 
-# %% ../nbs/13_experiment.ipynb #16f41e56
+# %% ../nbs/13_experiment.ipynb #33e59fad
 PAPER_TABLE1 = {
     "oracle":    dict(eurosat=94.46, sun397=77.45, food101=85.01, flowers102=87.90, dtd=76.65, fgvc_aircraft=37.95, oxford_pets=92.42, stanford_cars=90.21, ucf101=79.49, caltech101=96.02),
     "llava_zs":  dict(eurosat=44.78, sun397=15.74, food101=29.81, flowers102=6.58, dtd=20.27, fgvc_aircraft=3.18, oxford_pets=28.92, stanford_cars=3.38, ucf101=44.25, caltech101=75.38),
@@ -95,7 +95,7 @@ def paper_top1(method: str, dataset: str):
     """The paper's Table 1 top-1 (%) for a method and dataset, or None."""
     return PAPER_TABLE1.get(method, {}).get(dataset)
 
-# %% ../nbs/13_experiment.ipynb #bb6c84eb
+# %% ../nbs/13_experiment.ipynb #c1c2b9f1
 def resolve_data(cfg: ExperimentConfig):
     """The dataset spec and its {"train", "test"} splits for a config."""
     from latteclip_nb import data
@@ -123,7 +123,7 @@ def make_captioner(cfg: ExperimentConfig, spec):
     return build_captioner(cfg.captioner, spec, model=cfg.captioner_model, server_url=cfg.server_url,
                            single_view=cfg.single_view, batch_size=cfg.caption_batch_size)
 
-# %% ../nbs/13_experiment.ipynb #754b06a6
+# %% ../nbs/13_experiment.ipynb #024c49e9
 def git_commit() -> str | None:
     """The package's git commit (with `-dirty` for uncommitted changes), or None outside a checkout."""
     here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -200,9 +200,11 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     else:
         from latteclip_nb.train import TrainConfig, train
         key = dict(model=arch, pretrained=str(pretrained), dataset=spec.name, split="train")
-        if rank == 0: pl = zero_shot_pseudo_labels(model, eval_tf, tokenizer, sp["train"], spec.template, cache_root()/"pseudo_labels", key, device=device)
+        def labels(): return zero_shot_pseudo_labels(model, eval_tf, tokenizer, sp["train"], spec.template,
+                                                     cache_root()/"pseudo_labels", key, device=device)
+        if rank == 0: pl = labels()   # rank 0 computes and caches c_zs; the others then read the cache
         _barrier()
-        if rank != 0: pl = zero_shot_pseudo_labels(model, eval_tf, tokenizer, sp["train"], spec.template, cache_root()/"pseudo_labels", key, device=device)
+        if rank != 0: pl = labels()
         c_zs = pl.c_zs if cfg.data_fraction == 1 else pl.c_zs[keep]
         metrics["c_zs_train_accuracy"] = None if pl.accuracy is None else 100 * pl.accuracy
         texts = None
@@ -264,7 +266,7 @@ def _save_figures(result, history, classnames, out):
     if history:
         fig = plot_history(history); fig.savefig(figs/"history.png", dpi=90); plt.close(fig)
 
-# %% ../nbs/13_experiment.ipynb #286197ce
+# %% ../nbs/13_experiment.ipynb #7e3e3f82
 def _parse_bool(s: str) -> bool:
     if s.lower() in {"1", "true", "yes", "y", "on"}: return True
     if s.lower() in {"0", "false", "no", "n", "off"}: return False
@@ -288,7 +290,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e: sys.exit(f"latteclip-train: {e}")
     if m: print(json.dumps({k: m[k] for k in ("method", "dataset", "top1", "zeroshot_top1", "paper_top1") if k in m}))
 
-# %% ../nbs/13_experiment.ipynb #938fbf6d
+# %% ../nbs/13_experiment.ipynb #3f036d85
 def run_dir(out_root, params: dict) -> Path:
     """Where the run of `params` (ExperimentConfig fields) writes under `out_root`."""
     cfg = ExperimentConfig(**params)
