@@ -15,7 +15,7 @@ bitsandbytes as the real model would). Speed does not depend on the weight value
 arbitrary lengths, so every answer is forced to --answer-tokens tokens (min_new_tokens = max_new_tokens). The target
 is >= 25 captions/s single-view on one H100.
 """
-import argparse, json, os, resource, sys, tempfile, time
+import argparse, json, os, resource, tempfile, time
 from pathlib import Path
 
 import numpy as np

@@ -7,7 +7,7 @@ __all__ = ['KINDS', 'CLIP_TEXT_TOKENS', 'shard_file', 'record_key', 'CaptionStor
            'shard_of', 'clip_token_count', 'caption_stats', 'Texts', 'run_captioner', 'merge_captions',
            'describe_dataset', 'caption_parser', 'build_captioner', 'main']
 
-# %% ../nbs/05a_captions.ipynb #f8adea96
+# %% ../nbs/05a_captions.ipynb #fec206ea
 import argparse, hashlib, importlib, json, logging, os, sys, time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -23,11 +22,11 @@ try: import fcntl
 except ImportError: fcntl = None  # no file locks on Windows: give every process its own shard
 
 from .core import atomic_write_json, cache_root, log, read_json, seed_everything
-from .collage import Group, as_label_array, make_collage, sample_groups, sample_groups_gt
+from .collage import as_label_array, make_collage, sample_groups, sample_groups_gt
 from .data import load_image
 from .prompts import group_prompt, image_prompt
 
-# %% ../nbs/05a_captions.ipynb #0e52b323
+# %% ../nbs/05a_captions.ipynb #d0a8852d
 KINDS = ("image", "group")
 
 def shard_file(root, shard: int) -> Path:
@@ -51,7 +50,7 @@ def _read_records(path: Path):
         except (json.JSONDecodeError, KeyError, TypeError): bad += 1
     return records, end, bad
 
-# %% ../nbs/05a_captions.ipynb #8c797dba
+# %% ../nbs/05a_captions.ipynb #0b84942b
 class CaptionStore:
     """Crash-safe caption store: one append-only JSONL file per shard in `root`, all shards read together."""
     def __init__(self,
@@ -144,7 +143,7 @@ class CaptionStore:
     def __del__(self): self.close()
     def __repr__(self): return f"CaptionStore({str(self.root)!r}, shard={self.shard}, {len(self)} captions)"
 
-# %% ../nbs/05a_captions.ipynb #66220c41
+# %% ../nbs/05a_captions.ipynb #30389cc7
 @dataclass(frozen=True)
 class WorkItem:
     """One caption to produce: an image or a group collage, its store id, prompt and member indices."""
@@ -170,7 +169,7 @@ class Work:
         """The items to describe, each key once, in order."""
         return list({(it.kind, it.item_id, it.prompt): it for it in self.images + self.group_items}.values())
 
-# %% ../nbs/05a_captions.ipynb #80bb7938
+# %% ../nbs/05a_captions.ipynb #0156790a
 def caption_work(spec, split, c_zs, kinds=KINDS, seed: int = 0, images_per_group: int = 4,
                  groups_per_class: int | None = None, group_labels=None, n_correct: int | None = None) -> Work:
     """The image and group items to describe for `split`, given its zero-shot labels `c_zs`."""
@@ -194,13 +193,13 @@ def caption_work(spec, split, c_zs, kinds=KINDS, seed: int = 0, images_per_group
         group_items = [WorkItem("group", g.item_id(split.ids), p, tuple(g.members)) for g in groups]
     return Work(len(split), images, groups, group_items, groups_per_class is None)
 
-# %% ../nbs/05a_captions.ipynb #edac5bea
+# %% ../nbs/05a_captions.ipynb #8a8df911
 def shard_of(item: WorkItem, num_shards: int) -> int:
     """The shard (0 .. num_shards - 1) that describes `item`: a stable hash of its kind, id and prompt."""
     h = hashlib.blake2b("\x1f".join((item.kind, item.item_id, item.prompt)).encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") % num_shards
 
-# %% ../nbs/05a_captions.ipynb #d836553c
+# %% ../nbs/05a_captions.ipynb #95e15bb7
 CLIP_TEXT_TOKENS = 75  # CLIP's 77-token context minus its start and end tokens
 
 @lru_cache(maxsize=1)
@@ -217,7 +216,7 @@ def caption_stats(texts: list[str]) -> dict:
     return {"n": len(texts), "empty": sum(not t.strip() for t in texts),
             "too_long": sum(clip_token_count(t) > CLIP_TEXT_TOKENS for t in texts)}
 
-# %% ../nbs/05a_captions.ipynb #b3148b72
+# %% ../nbs/05a_captions.ipynb #53025435
 @dataclass
 class Texts:
     """LMM descriptions of a training split: per image (split order) and per group, with group labels."""
@@ -239,7 +238,7 @@ class Texts:
         return cls(d["image"], d["group"], torch.tensor(d["group_label"], dtype=torch.long),
                    torch.tensor(d["group_of"], dtype=torch.long), d.get("stats", {}))
 
-# %% ../nbs/05a_captions.ipynb #aaf2d64d
+# %% ../nbs/05a_captions.ipynb #e4aa0db0
 def _item_image(split, item: WorkItem):
     "The picture the LMM sees for `item`: the image itself, or the collage of the group's members."
     if item.kind == "image": return load_image(split.paths[item.members[0]])
@@ -297,7 +296,7 @@ def run_captioner(captioner, split, items: list, store: CaptionStore, batch_size
         pool.shutdown(wait=True); bar.close()
     return counts
 
-# %% ../nbs/05a_captions.ipynb #72891bc1
+# %% ../nbs/05a_captions.ipynb #da71d78f
 def _missing_report(missing: list, total: int, num_shards: int) -> str:
     per = Counter(shard_of(it, num_shards) for it in missing)
     where = ", ".join(f"shard {s}: {n}" for s, n in sorted(per.items())) if num_shards > 1 else ""
@@ -317,7 +316,7 @@ def merge_captions(store: CaptionStore, work: Work, model: str):
     texts.stats = {"image": caption_stats(image), "group": caption_stats(group), "unreadable": errors}
     return texts, []
 
-# %% ../nbs/05a_captions.ipynb #67605129
+# %% ../nbs/05a_captions.ipynb #4952ab0e
 def describe_dataset(
     spec,                        # DatasetSpec: prompts of the domain
     split,                       # the training Split (split order = Texts order)
@@ -372,7 +371,7 @@ def describe_dataset(
                         f"(over-long = more than {CLIP_TEXT_TOKENS} CLIP tokens: CLIP truncates them)")
     return texts
 
-# %% ../nbs/05a_captions.ipynb #3edff1e0
+# %% ../nbs/05a_captions.ipynb #44f989c5
 def caption_parser() -> argparse.ArgumentParser:
     """The command-line interface of `latteclip-caption`."""
     p = argparse.ArgumentParser(prog="latteclip-caption", description="Write LMM image and group descriptions of a "
@@ -411,7 +410,7 @@ def caption_parser() -> argparse.ArgumentParser:
     a.add_argument("--save-texts", help="also write the merged Texts to this JSON file when complete")
     return p
 
-# %% ../nbs/05a_captions.ipynb #dd827669
+# %% ../nbs/05a_captions.ipynb #25b19e9e
 def _dataset(args):
     "The spec and training split named by the arguments."
     from latteclip_nb import data
@@ -471,7 +470,7 @@ def build_captioner(backend: str = "auto",   # auto | llava | openai | tiny | si
         return captioners.LlavaCaptioner(model or captioners.LLAVA_MODEL, single_view=single_view, device=device, batch_size=batch_size)
     raise ValueError(f"unknown captioner backend {backend!r}: choose auto, llava, openai, tiny or simulated")
 
-# %% ../nbs/05a_captions.ipynb #f0f712a0
+# %% ../nbs/05a_captions.ipynb #b207c2a4
 def main(argv=None) -> int:
     """`latteclip-caption`: describe a dataset's training images and groups into the caption store."""
     args = caption_parser().parse_args(argv)

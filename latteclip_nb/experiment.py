@@ -7,9 +7,9 @@ __all__ = ['METHODS', 'PAPER_TABLE1', 'ExperimentConfig', 'paper_top1', 'resolve
            'git_commit', 'run_experiment', 'config_parser', 'main', 'run_dir', 'sweep', 'collect', 'summarize',
            'markdown_table']
 
-# %% ../nbs/13_experiment.ipynb #49937367
+# %% ../nbs/13_experiment.ipynb #efecac59
 import argparse, dataclasses, json, os, subprocess, sys, time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .core import atomic_write_json, cache_root, get_device, log, seed_everything
 
-# %% ../nbs/13_experiment.ipynb #9ab75de6
+# %% ../nbs/13_experiment.ipynb #abe0eca0
 METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
 
 @dataclass
@@ -81,7 +81,7 @@ class ExperimentConfig:
                                  if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)]
         return "-".join(parts + ([self.tag] if self.tag else []) + [f"seed{self.seed}"]).replace("/", "_")
 
-# %% ../nbs/13_experiment.ipynb #33e59fad
+# %% ../nbs/13_experiment.ipynb #99f174d0
 PAPER_TABLE1 = {
     "oracle":    dict(eurosat=94.46, sun397=77.45, food101=85.01, flowers102=87.90, dtd=76.65, fgvc_aircraft=37.95, oxford_pets=92.42, stanford_cars=90.21, ucf101=79.49, caltech101=96.02),
     "llava_zs":  dict(eurosat=44.78, sun397=15.74, food101=29.81, flowers102=6.58, dtd=20.27, fgvc_aircraft=3.18, oxford_pets=28.92, stanford_cars=3.38, ucf101=44.25, caltech101=75.38),
@@ -95,7 +95,7 @@ def paper_top1(method: str, dataset: str):
     """The paper's Table 1 top-1 (%) for a method and dataset, or None."""
     return PAPER_TABLE1.get(method, {}).get(dataset)
 
-# %% ../nbs/13_experiment.ipynb #c1c2b9f1
+# %% ../nbs/13_experiment.ipynb #7cf0fb2d
 def resolve_data(cfg: ExperimentConfig):
     """The dataset spec and its {"train", "test"} splits for a config."""
     from latteclip_nb import data
@@ -123,7 +123,7 @@ def make_captioner(cfg: ExperimentConfig, spec):
     return build_captioner(cfg.captioner, spec, model=cfg.captioner_model, server_url=cfg.server_url,
                            single_view=cfg.single_view, batch_size=cfg.caption_batch_size)
 
-# %% ../nbs/13_experiment.ipynb #024c49e9
+# %% ../nbs/13_experiment.ipynb #61face29
 def git_commit() -> str | None:
     """The package's git commit (with `-dirty` for uncommitted changes), or None outside a checkout."""
     here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -256,7 +256,6 @@ def _captions(cfg, spec, split, c_zs, rank, world):
 
 def _save_figures(result, history, classnames, out):
     "Per-class accuracy, confusion matrix and training curve as PNGs under out/figures."
-    import matplotlib; matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from latteclip_nb.evaluate import plot_confusion, plot_history, plot_per_class
     figs = out/"figures"; figs.mkdir(parents=True, exist_ok=True)
@@ -266,7 +265,7 @@ def _save_figures(result, history, classnames, out):
     if history:
         fig = plot_history(history); fig.savefig(figs/"history.png", dpi=90); plt.close(fig)
 
-# %% ../nbs/13_experiment.ipynb #7e3e3f82
+# %% ../nbs/13_experiment.ipynb #23153404
 def _parse_bool(s: str) -> bool:
     if s.lower() in {"1", "true", "yes", "y", "on"}: return True
     if s.lower() in {"0", "false", "no", "n", "off"}: return False
@@ -290,7 +289,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e: sys.exit(f"latteclip-train: {e}")
     if m: print(json.dumps({k: m[k] for k in ("method", "dataset", "top1", "zeroshot_top1", "paper_top1") if k in m}))
 
-# %% ../nbs/13_experiment.ipynb #3f036d85
+# %% ../nbs/13_experiment.ipynb #441936fd
 def run_dir(out_root, params: dict) -> Path:
     """Where the run of `params` (ExperimentConfig fields) writes under `out_root`."""
     cfg = ExperimentConfig(**params)

@@ -5,11 +5,10 @@
 # %% auto #0
 __all__ = ['margin_weights', 'mix_features', 'blend']
 
-# %% ../nbs/06_mixer.ipynb #814f5935
+# %% ../nbs/06_mixer.ipynb #5bc10469
 import torch
-import torch.nn.functional as F
 
-# %% ../nbs/06_mixer.ipynb #3309a1b6
+# %% ../nbs/06_mixer.ipynb #386c4f97
 def margin_weights(
     feats: torch.Tensor,       # [..., D] unit-norm text features
     prototypes: torch.Tensor,  # [C, D] unit-norm prototypes, C >= 2
@@ -23,7 +22,7 @@ def margin_weights(
     top2 = sims.topk(2, dim=-1).values
     return top2[..., 0] - top2[..., 1] + eps
 
-# %% ../nbs/06_mixer.ipynb #2e9cab7a
+# %% ../nbs/06_mixer.ipynb #baad290f
 def mix_features(
     feats: torch.Tensor,    # [N, K, D] the K text features of each of N samples
     weights: torch.Tensor,  # [N, K] non-negative weights; 0 drops a text
@@ -37,7 +36,7 @@ def mix_features(
         raise ValueError("mix_features got a sample whose text weights are all zero: enable at least one of the class, image and group texts")
     return (weights.unsqueeze(-1) * feats).sum(dim=1) / total
 
-# %% ../nbs/06_mixer.ipynb #5de835cb
+# %% ../nbs/06_mixer.ipynb #a447ae4e
 def blend(
     mixed: torch.Tensor,   # [N, D] mixed text features (carry gradients)
     protos: torch.Tensor,  # [N, D] the prototype of each sample's pseudo-label (treated as constant)

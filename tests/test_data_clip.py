@@ -206,7 +206,7 @@ def test_download_layout(tmp_path, monkeypatch):
                                         ("caltech101", "ROOT/caltech-101/101_ObjectCategories")])
 def test_download_manual(tmp_path, name, where):
     with pytest.raises(RuntimeError, match="cannot be downloaded") as e: download(name, tmp_path)
-    assert where in str(e.value) and f"split_zhou_" in str(e.value) and "CoOp" in str(e.value)
+    assert where in str(e.value) and "split_zhou_" in str(e.value) and "CoOp" in str(e.value)
 
 
 # ---------------------------------------------------------------- images and the Dataset

@@ -1,5 +1,5 @@
 """Two CPU processes (gloo) must agree with one process that sees the whole batch."""
-import os, tempfile
+import tempfile
 
 import torch
 import torch.distributed as dist
