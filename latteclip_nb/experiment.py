@@ -254,7 +254,7 @@ def resolved_run(cfg: ExperimentConfig) -> dict:
     spec = recipe_spec(cfg, spec)
     arch, pretrained = resolve_model(cfg, spec)
     out = dict(recipe=cfg.recipe, dataset=spec.name, method=cfg.method, template=spec.template, n_train=n,
-               steps_per_epoch=None, total_steps=None, paper_row=paper_row(cfg), paper_top1=paper_top1(cfg, spec.name), train=None)
+               steps_per_epoch=None, total_steps=None, paper_row=list(paper_row(cfg) or ()) or None, paper_top1=paper_top1(cfg, spec.name), train=None)
     if cfg.method in _TRAIN_METHODS:
         used = n if n is None or cfg.data_fraction == 1 else max(1, round(cfg.data_fraction * n))
         tcfg = train_config(cfg, spec, used, model_name=arch, pretrained=str(pretrained))
@@ -362,7 +362,7 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     if "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
         result = {**result, **accuracy_report(result["preds"], test_split.labels, len(classnames))}
     metrics.update(top1=_pct(result["top1"]), per_class=[_pct(a) for a in result["per_class"]],
-                   paper_row=paper_row(cfg), paper_top1=paper_top1(cfg, spec.name), captioner=captioner_id, history=history,
+                   paper_row=list(paper_row(cfg) or ()) or None, paper_top1=paper_top1(cfg, spec.name), captioner=captioner_id, history=history,
                    config=asdict(cfg), git_commit=git_commit(), wall_time_s=round(time.time() - t0, 1))
     _save_figures(result, history, classnames, out)
     atomic_write_json(metrics_path, metrics)
