@@ -58,6 +58,8 @@ class ExperimentConfig:
     use_ft: bool = True
     ft_ablation: str = "drop_term"   # use_ft=False: drop_term | zero_loss (the released switch: prototype updates only)
     proto_update: str = "target"     # prototypes move to the mean of: target (tbar) | mix (a "w/o momentum" reading)
+    drop_last: bool = False          # True: floor(N / batch) steps an epoch (the last partial batch dropped)
+    precision: str = "auto"          # auto (cuda: bf16 if supported, else fp16 + GradScaler) | fp32 | bf16 | fp16
     group_sampling: str = "class"    # class | own
     text_grad: str = "exact"         # exact | fast
     pseudo: str = "online"           # flyp_pl: online | fixed
