@@ -18,10 +18,11 @@ from .core import log, read_json
 from .prompts import generic_group_prompt, generic_image_prompt
 
 # %% auto #0
-__all__ = ['KINDS', 'DATASETS', 'BUILTIN_DATASETS', 'ALIASES', 'IMG_EXTENSIONS', 'DatasetSpec', 'get_spec', 'register_dataset',
-           'Split', 'clean_classname', 'check_classnames', 'read_coop_split', 'read_fgvc_split', 'make_fake_dataset',
-           'splits', 'how_to_get', 'download', 'load_image', 'ImageDataset', 'collate_skip', 'list_images', 'plural',
-           'read_classes_file', 'FolderDomain']
+__all__ = ['KINDS', 'DATASETS', 'BUILTIN_DATASETS', 'ALIASES', 'RECIPES', 'PAPER_TEMPLATE', 'PAPER_LR', 'PAPER_MAX_STEPS',
+           'PAPER_MAX_EPOCHS', 'CLIP_TEMPLATES', 'IMG_EXTENSIONS', 'DatasetSpec', 'get_spec', 'register_dataset',
+           'recipe_values', 'clip_templates', 'Split', 'clean_classname', 'check_classnames', 'read_coop_split',
+           'read_fgvc_split', 'make_fake_dataset', 'splits', 'how_to_get', 'download', 'load_image', 'ImageDataset',
+           'collate_skip', 'list_images', 'plural', 'read_classes_file', 'FolderDomain']
 
 # %% ../nbs/01_data.ipynb #a81bed00
 KINDS = ("coop", "fgvc", "folder", "shapes")
@@ -113,6 +114,73 @@ def register_dataset(spec: DatasetSpec, loader: Callable, overwrite: bool = Fals
     DATASETS[spec.name] = spec
     _LOADERS[spec.name] = loader
     return spec
+
+# %% ../nbs/01_data.ipynb #33f12e4f
+RECIPES = ("reference", "paper")
+PAPER_TEMPLATE = "a photo of a {}."            # §3.1 and §4: the one class template of every dataset
+PAPER_LR = {"food101": 1e-6, "sun397": 1e-6}   # appendix B; the other eight datasets: 1e-7
+PAPER_MAX_STEPS, PAPER_MAX_EPOCHS = 2000, 50   # appendix B: min{2000 iterations, 50 epochs} at batch 512
+
+def recipe_values(spec, recipe: str = "reference") -> dict:
+    """The class template and the schedule (as TrainConfig field names) that `recipe` gives dataset `spec`."""
+    spec = get_spec(spec)
+    if recipe not in RECIPES: raise ValueError(f"recipe={recipe!r}: choose one of {', '.join(RECIPES)}")
+    out = dict(template=spec.template, epochs=spec.epochs, warmup_steps=spec.warmup_steps, lr=spec.lr,
+               weight_decay=spec.weight_decay, batch_size=getattr(spec, "batch_size", 512), max_steps=None, drop_last=False)
+    if recipe == "paper":
+        out.update(template=PAPER_TEMPLATE, epochs=PAPER_MAX_EPOCHS, max_steps=PAPER_MAX_STEPS)
+        if spec.name in BUILTIN_DATASETS: out["lr"] = PAPER_LR.get(spec.name, 1e-7)
+    return out
+
+# %% ../nbs/01_data.ipynb #8f5247d0
+CLIP_TEMPLATES: dict[str, list[str]] = {  # CLIP's published prompt lists (data/prompts.md of openai/CLIP)
+    "eurosat": ["a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+        "a centered satellite photo of the {}."],
+    "sun397": ["a photo of a {}.", "a photo of the {}."],
+    "food101": ["a photo of {}, a type of food."],
+    "flowers102": ["a photo of a {}, a type of flower."],
+    "dtd": ["a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.", "a photo of a {} object.",
+        "a photo of the {} texture.", "a photo of the {} pattern.", "a photo of the {} thing.",
+        "a photo of the {} object."],
+    "fgvc_aircraft": ["a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft."],
+    "oxford_pets": ["a photo of a {}, a type of pet."],
+    "stanford_cars": ["a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!", "a photo of my dirty {}.",
+        "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."],
+    "ucf101": ["a photo of a person {}.", "a video of a person {}.", "a example of a person {}.",
+        "a demonstration of a person {}.", "a photo of the person {}.", "a video of the person {}.",
+        "a example of the person {}.", "a demonstration of the person {}.", "a photo of a person using {}.",
+        "a video of a person using {}.", "a example of a person using {}.", "a demonstration of a person using {}.",
+        "a photo of the person using {}.", "a video of the person using {}.", "a example of the person using {}.",
+        "a demonstration of the person using {}.", "a photo of a person doing {}.", "a video of a person doing {}.",
+        "a example of a person doing {}.", "a demonstration of a person doing {}.",
+        "a photo of the person doing {}.", "a video of the person doing {}.", "a example of the person doing {}.",
+        "a demonstration of the person doing {}.", "a photo of a person during {}.",
+        "a video of a person during {}.", "a example of a person during {}.",
+        "a demonstration of a person during {}.", "a photo of the person during {}.",
+        "a video of the person during {}.", "a example of the person during {}.",
+        "a demonstration of the person during {}.", "a photo of a person performing {}.",
+        "a video of a person performing {}.", "a example of a person performing {}.",
+        "a demonstration of a person performing {}.", "a photo of the person performing {}.",
+        "a video of the person performing {}.", "a example of the person performing {}.",
+        "a demonstration of the person performing {}.", "a photo of a person practicing {}.",
+        "a video of a person practicing {}.", "a example of a person practicing {}.",
+        "a demonstration of a person practicing {}.", "a photo of the person practicing {}.",
+        "a video of the person practicing {}.", "a example of the person practicing {}.",
+        "a demonstration of the person practicing {}."],
+    "caltech101": ["a photo of a {}.", "a painting of a {}.", "a plastic {}.", "a sculpture of a {}.", "a sketch of a {}.",
+        "a tattoo of a {}.", "a toy {}.", "a rendition of a {}.", "a embroidered {}.", "a cartoon {}.",
+        "a {} in a video game.", "a plushie {}.", "a origami {}.", "art of a {}.", "graffiti of a {}.",
+        "a drawing of a {}.", "a doodle of a {}.", "a photo of the {}.", "a painting of the {}.", "the plastic {}.",
+        "a sculpture of the {}.", "a sketch of the {}.", "a tattoo of the {}.", "the toy {}.",
+        "a rendition of the {}.", "the embroidered {}.", "the cartoon {}.", "the {} in a video game.",
+        "the plushie {}.", "the origami {}.", "art of the {}.", "graffiti of the {}.", "a drawing of the {}.",
+        "a doodle of the {}."],
+}
+
+def clip_templates(spec) -> list[str]:
+    """CLIP's published prompt-template list for dataset `spec`, or its single class template when CLIP has none."""
+    spec = get_spec(spec)
+    return list(CLIP_TEMPLATES.get(spec.name, [spec.template]))
 
 # %% ../nbs/01_data.ipynb #c98e0ba6
 @dataclass

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ReclipConfig', 'reclip_epochs', 'project', 'knn_graph', 'conjugate_gradient', 'Propagation', 'propagate',
            'class_centroids', 'branch_pseudo_labels', 'vision_norm_params', 'text_norm_params', 'make_branch',
-           'run_reclip']
+           'run_reclip', 'reclip_templates']
 
 # %% ../nbs/11_reclip.ipynb #20ea6fc0
 import copy, math, time
@@ -332,3 +332,9 @@ def run_reclip(model, tokenizer, train_transform, eval_transform, train_split, t
            "epochs": epochs, "steps": step}
     if out: atomic_write_json(out/"result.json", {**res, "key": result_key})
     return res
+
+# %% ../nbs/11_reclip.ipynb #95cc791e
+def reclip_templates(spec) -> list[str]:
+    """The prompt templates ReCLIP's class embeddings average: CLIP's per-dataset list, else the spec's template."""
+    from latteclip_nb.data import CLIP_TEMPLATES
+    return list(CLIP_TEMPLATES.get(spec.name, [spec.template]))

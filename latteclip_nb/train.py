@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['METHODS', 'TrainConfig', 'param_groups', 'cosine_lr', 'make_optimizer', 'seeded_hash', 'seeded_uniform', 'seeded_int',
-           'EpochBatches', 'seeded_generators', 'SeededViews', 'collate_views', 'TextTable', 'encode_tokens',
-           'latte_targets', 'dist_info', 'resolve_precision', 'Trainer', 'rng_state', 'set_rng_state',
-           'export_classifier', 'Classifier', 'load_classifier', 'TrainResult', 'train']
+           'steps_per_epoch', 'total_steps', 'EpochBatches', 'seeded_generators', 'SeededViews', 'collate_views',
+           'TextTable', 'encode_tokens', 'latte_targets', 'dist_info', 'resolve_precision', 'Trainer', 'rng_state',
+           'set_rng_state', 'export_classifier', 'Classifier', 'load_classifier', 'TrainResult', 'train']
 
 # %% ../nbs/09_train.ipynb #58522560
 import contextlib, json, math, os, random, tempfile, time
@@ -31,7 +31,8 @@ from .prototypes import PrototypeBank
 # %% ../nbs/09_train.ipynb #76932126
 METHODS = ("latteclip", "flyp_pl", "oracle")
 _CHOICES = dict(method=METHODS, group_sampling=("class", "own"), text_grad=("exact", "fast"),
-                pseudo=("online", "fixed"), precision=("auto", "fp32", "bf16", "fp16"))
+                pseudo=("online", "fixed"), precision=("auto", "fp32", "bf16", "fp16"),
+                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"))
 # fields that do not change the numbers: a checkpoint written under other values still resumes
 _FREE_FIELDS = {"ckpt_every", "num_workers", "log_every", "resume", "keep_checkpoint", "model_name", "pretrained"}
 
@@ -52,13 +53,15 @@ class TrainConfig:
     use_mixer: bool = True         # Table 3: False -> every enabled text weighs 1
     use_zs: bool = True            # Table 3: keep L_zs
     use_ft: bool = True            # Table 3: keep L_ft
+    ft_ablation: str = "drop_term" # use_ft=False: drop_term (L = L_zs) | zero_loss (the released switch: L = 0, prototypes still move)
+    proto_update: str = "target"   # the bank moves to the mean of: target (tbar, Eq. 2) | mix (the mixed texts; a "w/o momentum" reading)
     group_sampling: str = "class"  # class: a seeded draw among the groups of the sample's c_zs | own: its own group
     text_grad: str = "exact"       # exact: gradients through all texts | fast: descriptions encoded without gradient
     pseudo: str = "online"         # flyp_pl: online (current text classifier, every step) | fixed (c_zs)
     precision: str = "auto"        # auto (cuda: bf16 if supported, else fp16 + GradScaler; else fp32) | fp32 | bf16 | fp16
     grad_accum: int = 1            # micro-batches per optimizer step
     grad_checkpointing: bool = False
-    drop_last: bool = True         # drop an epoch's last incomplete batch
+    drop_last: bool = False        # False: an epoch is ceil(N / batch_size) steps, the last one smaller (the released code)
     max_steps: Optional[int] = None  # cap on optimizer steps; the schedule ends there
     ckpt_every: int = 0            # checkpoint every N steps (0: at the end of every epoch)
     num_workers: int = 0           # DataLoader workers
@@ -132,17 +135,26 @@ def seeded_int(*keys) -> int:
     return int(seeded_hash(*keys) >> np.uint64(1))
 
 # %% ../nbs/09_train.ipynb #4b217cd5
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Optimizer steps in an epoch of `n` images: ceil(n / batch_size), or floor with `drop_last`."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+def total_steps(cfg: TrainConfig, n: int) -> int:
+    """Optimizer steps of a whole run on `n` images: epochs x steps per epoch, capped by `max_steps`."""
+    total = cfg.epochs * steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)
+
 class EpochBatches(Sampler):
     """This process's micro-batches of one epoch as (epoch, index) keys: seeded order, global batches, micro-batches, shards."""
-    def __init__(self, n: int, batch_size: int, grad_accum: int = 1, seed: int = 0, drop_last: bool = True,
+    def __init__(self, n: int, batch_size: int, grad_accum: int = 1, seed: int = 0, drop_last: bool = False,
                  rank: int = 0, world: int = 1):
         if batch_size % (grad_accum * world):
             raise ValueError(f"batch_size={batch_size} must be divisible by grad_accum x processes = {grad_accum} x {world}")
         self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
         self.drop_last, self.rank, self.world = drop_last, rank, world
-        self.steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+        self.steps_per_epoch = steps_per_epoch(n, batch_size, drop_last)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size={batch_size} is larger than the {n} training images: lower batch_size or set drop_last=False")
+            raise ValueError(f"batch_size={batch_size} is larger than the {n} training images: lower batch_size or keep the last batch (drop_last=False)")
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int, start: int = 0, stop: Optional[int] = None):
@@ -308,14 +320,16 @@ def latte_targets(
     enabled: torch.Tensor,     # [B, 3] 1 where the class, image, group text is used, else 0
     alpha: float = 0.99,
     use_mixer: bool = True,
-) -> tuple:                    # (tbar_zs, tbar_ft), each [B, D]
+    return_mix: bool = False,  # also return the mixes (mix_zs, mix_ft) before the blend
+) -> tuple:                    # (tbar_zs, tbar_ft), each [B, D] (then mix_zs, mix_ft with return_mix)
     """The blended training targets of both pseudo-labels (Eq. 1 weights, weighted mean, Eq. 2 blend)."""
-    out = []
+    out, mixes = [], []
     for f_class, p in ((f_class_zs, p_zs), (f_class_ft, p_ft)):
         feats = torch.stack([f_class, f_image, f_group], dim=1)
         w = (margin_weights(feats, snapshot) if use_mixer else torch.ones_like(enabled)) * enabled
-        out.append(blend(mix_features(feats, w), p, alpha))
-    return tuple(out)
+        mixes.append(mix_features(feats, w))
+        out.append(blend(mixes[-1], p, alpha))
+    return tuple(out + mixes) if return_mix else tuple(out)
 
 # %% ../nbs/09_train.ipynb #e30d7365
 class _Towers(torch.nn.Module):
@@ -422,11 +436,14 @@ class Trainer:
                                torch.full((B,), float(cfg.use_image), device=v.device),
                                has_group.float() * float(cfg.use_group)], dim=1)
         P = self.bank.prototypes
-        tbar_zs, tbar_ft = latte_targets(feats.get("class_zs", zero), feats.get("class_ft", zero), feats.get("image", zero),
-                                         feats.get("group", zero), self.snapshot, P[c_zs], P[c_ft], enabled,
-                                         cfg.alpha, cfg.use_mixer)
-        loss = latte_loss(v, tbar_zs, tbar_ft, scale.float(), cfg.use_zs, cfg.use_ft)
-        return loss, c_ft, (torch.cat([c_zs, c_ft]), torch.cat([tbar_zs, tbar_ft]).detach())
+        tbar_zs, tbar_ft, mix_zs, mix_ft = latte_targets(
+            feats.get("class_zs", zero), feats.get("class_ft", zero), feats.get("image", zero), feats.get("group", zero),
+            self.snapshot, P[c_zs], P[c_ft], enabled, cfg.alpha, cfg.use_mixer, return_mix=True)
+        zero_loss = not cfg.use_ft and cfg.ft_ablation == "zero_loss"
+        loss = latte_loss(v, tbar_zs, tbar_ft, scale.float(), cfg.use_zs or zero_loss, cfg.use_ft)
+        if zero_loss: loss = loss * 0.0   # the released "w/o L_ft" switch: no gradient at all, the prototypes still move
+        moved = torch.cat([tbar_zs, tbar_ft] if cfg.proto_update == "target" else [mix_zs, mix_ft])
+        return loss, c_ft, (torch.cat([c_zs, c_ft]), moved.detach())
 
     def _flyp(self, images, idx, epoch):
         cfg, tb, plan = self.cfg, self.table, {}

@@ -43,8 +43,8 @@ def tiny_clip(seed=0):
     return load_clip("latte-tiny", pretrained=None, device="cpu")
 
 
-def run(out, cfg, world_dir, **kw):
-    split, class_texts, texts, c_zs = tiny_world(world_dir)
+def run(out, cfg, world_dir, n=24, **kw):
+    split, class_texts, texts, c_zs = tiny_world(world_dir, n=n)
     model, train_tf, _, tok = tiny_clip()
     return train(model, tok, train_tf, split, class_texts, cfg, out, c_zs=c_zs, texts=texts, **kw)
 
@@ -87,6 +87,21 @@ def test_resume_equals_uninterrupted(tmp_path, name):
     assert not (tmp_path / "part" / "checkpoint.pt").exists()   # removed after the final export
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_partial_last_batch_resume(tmp_path, drop_last):
+    """22 images at batch 8: ceil -> 3 steps an epoch (8, 8, 6), floor -> 2; an interruption just before and just
+    after the partial batch resumes exactly."""
+    cfg = TrainConfig(epochs=2, warmup_steps=1, lr=1e-4, batch_size=8, log_every=1, model_name="latte-tiny", drop_last=drop_last)
+    spe = 2 if drop_last else 3
+    full = run(tmp_path / "full", cfg, tmp_path / "world", n=22)
+    assert full.step == 2 * spe and [r["step"] for r in full.history] == [spe, 2 * spe]
+    for stop in (spe - 1, spe + spe - 1):   # before the last batch of epoch 1, before the last batch of epoch 2
+        run(tmp_path / "part", cfg, tmp_path / "world", n=22, stop_at=stop)
+    resumed = run(tmp_path / "part", cfg, tmp_path / "world", n=22)
+    assert resumed.step == full.step and strip(resumed.history) == strip(full.history)
+    assert torch.equal(resumed.bank.prototypes, full.bank.prototypes) and same_weights(resumed.model, full.model)
+
+
 def test_resume_refuses_another_config(tmp_path):
     cfg = TrainConfig(epochs=2, warmup_steps=1, lr=1e-4, batch_size=8, model_name="latte-tiny")
     run(tmp_path / "r", cfg, tmp_path / "world", stop_at=1)
@@ -108,7 +123,8 @@ def test_input_errors(tmp_path):
         train(model, tok, train_tf, split, class_texts, cfg, tmp_path / "a", c_zs=c_zs,
               texts=Texts([], texts.group, texts.group_label, texts.group_of))
     with pytest.raises(ValueError, match="larger than the 24"):
-        train(model, tok, train_tf, split, class_texts, TrainConfig(epochs=1, batch_size=32), tmp_path / "a", c_zs=c_zs, texts=texts)
+        train(model, tok, train_tf, split, class_texts, TrainConfig(epochs=1, batch_size=32, drop_last=True), tmp_path / "a",
+              c_zs=c_zs, texts=texts)
 
 
 def test_export_round_trip(tmp_path):
@@ -129,28 +145,30 @@ DDP_CFG = dict(epochs=2, warmup_steps=1, lr=1e-4, batch_size=8, log_every=1, mod
 DDP_EXTRA = dict(latteclip=dict(grad_accum=2, keep_checkpoint=True), flyp_pl=dict())
 
 
-def _ddp_worker(rank, world, init_file, d, method):
+def _ddp_worker(rank, world, init_file, d, method, n=24):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        res = run(Path(d) / f"ddp-{method}", TrainConfig(method=method, **DDP_CFG, **DDP_EXTRA[method]), Path(d) / "world")
+        res = run(Path(d) / f"ddp-{method}", TrainConfig(method=method, **DDP_CFG, **DDP_EXTRA[method]), Path(d) / "world", n=n)
         torch.save({"classifier": res.classifier, "model": res.model.state_dict(), "history": res.history,
                     "protos": None if res.bank is None else res.bank.prototypes}, f"{d}/{method}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["latteclip", "flyp_pl"])
-def test_two_gloo_processes_match_one(tmp_path, method):
-    tiny_world(tmp_path / "world")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), method), nprocs=2, join=True)
+# flyp_pl also runs on 20 images: 3 steps an epoch, the last of 4 images (2 per process)
+@pytest.mark.parametrize("method,n", [("latteclip", 24), ("flyp_pl", 24), ("flyp_pl", 20)])
+def test_two_gloo_processes_match_one(tmp_path, method, n):
+    tiny_world(tmp_path / "world", n=n)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), method, n), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{method}-rank{r}.pt", weights_only=True) for r in (0, 1))
     # both ranks end with identical prototypes / classifiers and weights
     assert torch.equal(r0["classifier"], r1["classifier"])
     if method == "latteclip": assert torch.equal(r0["protos"], r1["protos"])
     assert all(torch.equal(r0["model"][k], r1["model"][k]) for k in r0["model"])
     # and they equal one process over the same global batches (up to float summation order)
-    single = run(tmp_path / f"single-{method}", TrainConfig(method=method, **DDP_CFG, **DDP_EXTRA[method]), tmp_path / "world")
+    single = run(tmp_path / f"single-{method}", TrainConfig(method=method, **DDP_CFG, **DDP_EXTRA[method]), tmp_path / "world", n=n)
+    assert single.step == 2 * -(-n // 8) and r0["history"][-1]["step"] == single.step
     assert torch.allclose(r0["classifier"], single.classifier, atol=1e-5)
     assert all(torch.allclose(r0["model"][k], v, atol=1e-5) for k, v in single.model.state_dict().items())
     for a, b in zip(r0["history"], single.history):
