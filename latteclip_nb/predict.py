@@ -142,7 +142,7 @@ def predict_parser() -> argparse.ArgumentParser:
 def predict_main(argv=None) -> int:
     """`latteclip-predict CLASSIFIER_DIR INPUT... [--out preds.csv] [--topk 5] [--batch-size N] [--device D]`."""
     prog = "latteclip-predict"
-    a = predict_parser().parse_args(argv)
+    a = predict_parser().parse_args(None if argv is None else [str(x) for x in argv])
     if a.topk < 1 or a.batch_size < 1: return _fail(prog, f"--topk ({a.topk}) and --batch-size ({a.batch_size}) must be >= 1")
     out = "predictions.jsonl" if a.jsonl and a.out == "predictions.csv" else a.out
     if out != "-" and Path(out).exists() and not a.overwrite:
@@ -247,7 +247,7 @@ def eval_parser() -> argparse.ArgumentParser:
 def eval_main(argv=None) -> int:
     """`latteclip-eval CLASSIFIER_DIR (--test-root FOLDER | --dataset NAME [--data-root DIR])`."""
     prog = "latteclip-eval"
-    a = eval_parser().parse_args(argv)
+    a = eval_parser().parse_args(None if argv is None else [str(x) for x in argv])
     name = Path(a.test_root).expanduser().resolve().name if a.test_root else a.dataset
     out = Path(a.out or f"eval-{name}")
     if (out/"results.json").exists() and not a.overwrite:
