@@ -21,7 +21,8 @@ Each section has a share of the time budget (--budget-s, default 450 s: the whol
 under 8 minutes); a measurement that would not fit in what is left is skipped and listed under "skipped" with its
 estimate.
 """
-import argparse, json, math, os, platform, shutil, statistics, subprocess, sys, tempfile, time, traceback
+import argparse, gc, json, math, os, platform, shutil, statistics, subprocess, sys, tempfile, time, traceback
+_T0 = time.perf_counter()   # before the heavy imports: the whole run is reported, not only the measured part
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -255,7 +256,10 @@ def loader_section(args, budget, device, res, state):
     from torch.utils.data import DataLoader
     from latteclip_nb.data import Split, load_image
     from latteclip_nb.train import EpochBatches, SeededViews, collate_views
-    split, train_tf, B, W = state["split"], state["train_tf"], args.batch, args.workers
+    split, train_tf, B, W = state["split"], state.get("train_tf"), args.batch, args.workers
+    if train_tf is None:   # the train section did not run: the same augmentation from the same loader
+        from latteclip_nb.clip import load_clip
+        train_tf = load_clip(args.model, pretrained=None, device="cpu")[1]
     # what one worker spends per image: decoding and the train augmentation, timed in this process
     k = min(32, state["n_files"])
     t = time.perf_counter(); ims = [load_image(p) for p in split.paths[:k]]; decode = (time.perf_counter() - t) / k
@@ -304,16 +308,20 @@ def loader_section(args, budget, device, res, state):
                    fed_after_first_batch_images_per_s=None if after is None else round(after, 1),
                    resident_images_per_s=resident, fed_over_resident=round(n / total / resident, 3),
                    fed_peak_mem_gib=peak_gib(device))
-    rate = out["loader_images_per_s"]
+    rate, fed = out["loader_images_per_s"], out.get("fed_images_per_s")
+    fed_txt = "" if fed is None else f"; the exact step fed by it runs at {fed:.0f} images/s"
     if resident is None: out["statement"] = f"the loader alone gives {rate:.0f} images/s with {W} workers"
     elif rate >= resident:
-        out["statement"] = (f"the loader keeps up: {rate:.0f} images/s with {W} workers against {resident:.0f} images/s "
-                            f"for the step on resident tensors")
+        out["statement"] = (f"the loader alone gives {rate:.0f} images/s with {W} workers, more than the "
+                            f"{resident:.0f} images/s of the step on resident tensors{fed_txt}")
     else:
         out["statement"] = (f"input-bound: {W} workers deliver {rate:.0f} images/s (each spends {1000 * decode:.1f} ms "
                             f"decoding and {1000 * augment:.1f} ms augmenting a {args.jpeg_size[0]}x{args.jpeg_size[1]} "
-                            f"JPEG, so at most ~{expect:.0f}/s), the step on resident tensors runs at {resident:.0f} images/s")
-    out["keeps_up"] = None if resident is None else bool(rate >= resident)
+                            f"JPEG, so at most ~{expect:.0f}/s), the step on resident tensors runs at {resident:.0f} "
+                            f"images/s{fed_txt}")
+    # keeping up: the fed step within 10% of the resident one (or, unfed, a loader at least as fast as the step)
+    out["keeps_up"] = (None if resident is None else bool(fed >= 0.9 * resident) if fed is not None
+                       else bool(rate >= resident))
     del loader
 
 
@@ -342,13 +350,14 @@ def caption_section(args, budget, device, res, state):
         out["model"] = (f"LLaVA-1.6-Mistral-7B architecture, random weights ({args.llava_text_layers} Mistral layers, "
                         f"{args.llava_vision_layers} CLIP layers)")
     out["build_and_save_s"] = round(time.perf_counter() - t0, 1)
-    out["checkpoint_gib"] = round(sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**30, 3)
+    out["checkpoint_mib"] = round(sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20, 2)
     if device.type == "cuda": torch.cuda.empty_cache()
     spec = get_spec("dtd")
     photo_prompt, collage_prompt = image_prompt(spec), group_prompt(spec)
     B_max = max(args.caption_batches)
-    photos = [synthetic_photo(10_000 + i) for i in range(B_max * 2)]
-    collages = [make_collage([synthetic_photo(20_000 + 4 * i + j) for j in range(4)], size=672) for i in range(B_max * 2)]
+    pool = B_max * (max(args.caption_reps, 3) + 1)   # distinct images for the warm-up and every timed batch
+    photos = [synthetic_photo(10_000 + i) for i in range(pool)]
+    collages = [make_collage([synthetic_photo(20_000 + 4 * i + j) for j in range(4)], size=672) for i in range(pool)]
     inputs = {"photo": (photos, photo_prompt), "collage": (collages, collage_prompt)}
     precisions = ["bf16" if device.type == "cuda" else "fp32"]
     if device.type == "cuda" and state["env"].get("bitsandbytes"): precisions.append("nf4")
@@ -356,13 +365,15 @@ def caption_section(args, budget, device, res, state):
     N = args.answer_tokens
     load_est, per_caption = 60.0, {}
 
-    def describe_batches(cap, images, prompt, B, n_batches, tokens):
+    def describe_batches(cap, images, prompt, B, n_batches, tokens, start=0):
+        """Seconds of each of `n_batches` describe() calls of B images (taken cyclically from `start`), and the answers."""
         cap.max_new_tokens, cap.generate_kwargs = tokens, {**cap.generate_kwargs, "min_new_tokens": tokens}
         cap.batch_size = B
         ts, answers = [], []
         for b in range(n_batches):
+            batch = [images[(start + b * B + j) % len(images)] for j in range(B)]
             sync(device); t = time.perf_counter()
-            answers += cap.describe(images[b * B:(b + 1) * B], [prompt] * B)
+            answers += cap.describe(batch, [prompt] * B)
             sync(device); ts.append(time.perf_counter() - t)
         return ts, answers
 
@@ -376,8 +387,9 @@ def caption_section(args, budget, device, res, state):
                                             max_new_tokens=N, generate_kwargs={"min_new_tokens": N})
             load_s = time.perf_counter() - t0
             load_est = load_s if precision != "nf4" else load_est
-            weights_gib = peak_gib(device)
-            image_token = cap.model.config.image_token_index
+            load_peak_gib = peak_gib(device)
+            cfg = cap.model.config
+            image_token = getattr(cfg, "image_token_id", None) or cfg.image_token_index
             tokens = {}
             for kind in kinds:   # image tokens per item and prompt length, from the captioner's own processor
                 images, prompt = inputs[kind]
@@ -397,8 +409,8 @@ def caption_section(args, budget, device, res, state):
                     warm = None
                     if not warmed:   # once per loaded model: kernels, the allocator's pools
                         warm = describe_batches(cap, images, prompt, B, 1, N)[0][0]; warmed = True
-                    full, answers = describe_batches(cap, images[B:] if len(images) >= 2 * B else images, prompt, B, n_batches, N)
-                    pre, _ = describe_batches(cap, images, prompt, B, n_batches, 1)
+                    full, answers = describe_batches(cap, images, prompt, B, n_batches, N, start=B)
+                    pre, _ = describe_batches(cap, images, prompt, B, n_batches, 1, start=B)
                     t_full, t_pre = statistics.median(full), statistics.median(pre)
                     decode = max(0.0, t_full - t_pre) / max(1, N - 1)
                     row = dict(precision=cap.precision, view=view, image=kind, batch=B, batches=n_batches,
@@ -408,7 +420,7 @@ def caption_section(args, budget, device, res, state):
                                decode_tokens_per_s=round(B / decode, 1) if decode > 0 else None,
                                prefill_share=round(t_pre / t_full, 3), warmup_s=None if warm is None else round(warm, 3),
                                mean_words=round(statistics.mean(len(a.split()) for a in answers), 1),
-                               load_s=round(load_s, 1), weights_gib=weights_gib, peak_mem_gib=peak_gib(device))
+                               load_s=round(load_s, 1), load_peak_gib=load_peak_gib, peak_mem_gib=peak_gib(device))
                     out["runs"].append(row)
                     per_caption[(precision, view, kind, B)] = (t_full, t_pre, n_image_tokens)
                     print(f"  caption {precision:4s} {view:6s} {kind:7s} batch {B:3d}: {row['captions_per_s']:8.2f} captions/s "
@@ -451,7 +463,7 @@ def print_table(res):
     env = res["environment"]
     print(f"\n== gpu_check ({res['mode']}) on {env['gpu'] or env['device']}, torch {env['torch']}, transformers "
           f"{env['transformers']}, open_clip {env['open_clip']}, commit {(env['git_commit'] or '?')[:10]}, "
-          f"{res['wall_s']:.0f} s")
+          f"{res['process_s']:.0f} s")
     tr = res.get("train")
     if tr:
         print(f"\ntraining step: {tr['model']} batch {tr['batch']} {tr['precision']}, {tr['reps']} interleaved repetitions, "
@@ -531,8 +543,8 @@ def main(argv=None) -> int:
         print(f"{out_path} exists: pass another --out, or --overwrite to replace it", file=sys.stderr); return 2
     try: import open_clip  # noqa: F401
     except ImportError:
-        print("open_clip is not installed: pip install --no-index --find-links bench/wheels open_clip_torch "
-              "(bench/fetch_wheels.sh downloads the wheels)", file=sys.stderr); return 2
+        print("open_clip is not installed: pip install --no-index --no-deps bench/wheels/*.whl "
+              "(bench/fetch_wheels.sh downloads them where there is a registry)", file=sys.stderr); return 2
     from latteclip_nb.core import atomic_write_json, get_device
     budget = Budget(args.budget_s, SHARES)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="latteclip-gpucheck-"))
@@ -546,7 +558,7 @@ def main(argv=None) -> int:
         from latteclip_nb.data import Split
         jpegs = work / "jpegs"; jpegs.mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        jobs = [(str(jpegs), i, tuple(args.jpeg_size)) for i in range(args.files)]
+        jobs = [(str(jpegs), i, tuple(args.jpeg_size)) for i in range(args.files if "loader" in args.sections else 0)]
         if args.workers > 1 and args.files > 64:
             with ProcessPoolExecutor(min(args.workers, cores())) as ex: sizes = list(ex.map(_write_jpeg, jobs, chunksize=32))
         else: sizes = [_write_jpeg(j) for j in jobs]
@@ -559,11 +571,15 @@ def main(argv=None) -> int:
                      write_s=round(time.perf_counter() - t0, 2))
         device = get_device(args.device)
         state["env"] = res["environment"] = environment(device, args.commit)
-        print(f"gpu_check: {device} {res['environment']['gpu'] or ''}, {args.files} JPEGs ({state['jpeg_mib']} MiB) in "
-              f"{state['write_s']} s, budget {args.budget_s:.0f} s", flush=True)
+        wrote = f", {len(jobs)} JPEGs ({state['jpeg_mib']} MiB) in {state['write_s']} s" if jobs else ""
+        print(f"gpu_check: {device} {res['environment']['gpu'] or ''}{wrote}, budget {args.budget_s:.0f} s", flush=True)
         budget.end()
         for name, fn in (("train", train_section), ("loader", loader_section), ("caption", caption_section)):
             if name not in args.sections: continue
+            if name == "caption":   # the captioner's peak memory is measured without the training state beside it
+                for k in ("model", "exact", "train_tf", "tokenizer"): state.pop(k, None)
+                gc.collect()
+                if device.type == "cuda": torch.cuda.empty_cache()
             budget.start(name)
             print(f"[{name}] {budget.left():.0f} s budget", flush=True)
             try: fn(args, budget, device, res, state)
@@ -577,6 +593,7 @@ def main(argv=None) -> int:
         if not args.keep_work: shutil.rmtree(work, ignore_errors=True)
     res["section_s"], res["skipped"] = budget.spent, budget.skipped
     res["wall_s"] = round(budget.elapsed(), 1)
+    res["process_s"] = round(time.perf_counter() - _T0, 1)   # with the imports
     res["targets"] = targets(res, applies=res["mode"] == "full" and device.type == "cuda")
     atomic_write_json(out_path, res)
     print_table(res)
