@@ -355,7 +355,7 @@ def caption_section(args, budget, device, res, state):
     spec = get_spec("dtd")
     photo_prompt, collage_prompt = image_prompt(spec), group_prompt(spec)
     B_max = max(args.caption_batches)
-    pool = B_max * (max(args.caption_reps, 3) + 1)   # distinct images for the warm-up and every timed batch
+    pool = max(B_max * (args.caption_reps + 1), 4)   # distinct images for the warm-up and every timed batch (cycled beyond)
     photos = [synthetic_photo(10_000 + i) for i in range(pool)]
     collages = [make_collage([synthetic_photo(20_000 + 4 * i + j) for j in range(4)], size=672) for i in range(pool)]
     inputs = {"photo": (photos, photo_prompt), "collage": (collages, collage_prompt)}
