@@ -264,18 +264,20 @@ def loader_section(args, budget, device, res, state):
     k = min(32, state["n_files"])
     t = time.perf_counter(); ims = [load_image(p) for p in split.paths[:k]]; decode = (time.perf_counter() - t) / k
     t = time.perf_counter(); [train_tf(im) for im in ims]; augment = (time.perf_counter() - t) / k
-    per_image = decode + augment
-    expect = W / per_image
+    views = SeededViews(split, train_tf, 0)
+    t = time.perf_counter(); [views[(0, i)] for i in range(k)]; per_image = (time.perf_counter() - t) / k
+    expect = W / per_image   # what W workers could give if nothing else limited them
     sampler = EpochBatches(len(split), B, 1, 0, True)
     # the DataLoader `train` builds, with the same arguments
-    loader = DataLoader(SeededViews(split, train_tf, 0), batch_sampler=sampler, num_workers=W, collate_fn=collate_views,
+    loader = DataLoader(views, batch_sampler=sampler, num_workers=W, collate_fn=collate_views,
                         pin_memory=device.type == "cuda", persistent_workers=W > 0)
     n_epoch = sampler.steps_per_epoch * B
     out = dict(files=state["n_files"], file_size=list(args.jpeg_size), jpeg_mib=state["jpeg_mib"], write_s=state["write_s"],
                split_images=len(split), steps_per_epoch=sampler.steps_per_epoch, batch=B, num_workers=W,
                pin_memory=device.type == "cuda", augmentation="clip.make_train_transform (RandomResizedCrop 0.9-1, "
                "ColorJitter p=.8, grayscale p=.2)", decode_ms_per_image=round(1000 * decode, 2),
-               augment_ms_per_image=round(1000 * augment, 2), workers_bound_images_per_s=round(expect, 1))
+               augment_ms_per_image=round(1000 * augment, 2), view_ms_per_image=round(1000 * per_image, 2),
+               workers_bound_images_per_s=round(expect, 1))
     res["loader"] = out
 
     def epoch(e, consume=None):
@@ -315,10 +317,10 @@ def loader_section(args, budget, device, res, state):
         out["statement"] = (f"the loader alone gives {rate:.0f} images/s with {W} workers, more than the "
                             f"{resident:.0f} images/s of the step on resident tensors{fed_txt}")
     else:
-        out["statement"] = (f"input-bound: {W} workers deliver {rate:.0f} images/s (each spends {1000 * decode:.1f} ms "
-                            f"decoding and {1000 * augment:.1f} ms augmenting a {args.jpeg_size[0]}x{args.jpeg_size[1]} "
-                            f"JPEG, so at most ~{expect:.0f}/s), the step on resident tensors runs at {resident:.0f} "
-                            f"images/s{fed_txt}")
+        out["statement"] = (f"input-bound: {W} workers deliver {rate:.0f} images/s (a seeded view of a "
+                            f"{args.jpeg_size[0]}x{args.jpeg_size[1]} JPEG takes {1000 * per_image:.1f} ms in one process: "
+                            f"{1000 * decode:.1f} ms decoding, {1000 * augment:.1f} ms augmenting, the rest seeding; so at "
+                            f"most ~{expect:.0f}/s), the step on resident tensors runs at {resident:.0f} images/s{fed_txt}")
     # keeping up: the fed step within 10% of the resident one (or, unfed, a loader at least as fast as the step)
     out["keeps_up"] = (None if resident is None else bool(fed >= 0.9 * resident) if fed is not None
                        else bool(rate >= resident))
@@ -475,7 +477,8 @@ def print_table(res):
     ld = res.get("loader")
     if ld and "loader_images_per_s" in ld:
         print(f"\nloader: {ld['files']} JPEGs {ld['file_size'][0]}x{ld['file_size'][1]}, {ld['num_workers']} workers, "
-              f"decode {ld['decode_ms_per_image']} ms + augment {ld['augment_ms_per_image']} ms per image")
+              f"decode {ld['decode_ms_per_image']} ms + augment {ld['augment_ms_per_image']} ms per image, "
+              f"{ld['view_ms_per_image']} ms per seeded view")
         print(f"  loader alone        {ld['loader_images_per_s']:10.1f} images/s")
         if "fed_images_per_s" in ld:
             print(f"  exact step, loader  {ld['fed_images_per_s']:10.1f} images/s")

@@ -65,7 +65,8 @@ def test_loader_section(report):
     ld = res["loader"]
     assert ld["files"] == 32 and ld["num_workers"] == 1 and ld["batch"] == 16
     assert ld["split_images"] == ld["steps_per_epoch"] * ld["batch"]
-    for k in ("loader_images_per_s", "fed_images_per_s", "decode_ms_per_image", "augment_ms_per_image", "jpeg_mib"):
+    for k in ("loader_images_per_s", "fed_images_per_s", "decode_ms_per_image", "augment_ms_per_image", "view_ms_per_image",
+              "workers_bound_images_per_s", "jpeg_mib"):
         assert ld[k] > 0, k
     # fed and resident throughputs of the same latteclip exact step, from the same run
     assert ld["resident_images_per_s"] == res["train"]["methods"]["latteclip_exact"]["images_per_s"]
