@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download the few small pure-Python wheels that bench/gpu_check.py needs on a GPU machine that has torch, torchvision,
-# transformers, timm, safetensors and huggingface_hub but no package registry: open_clip and its tokenizer's helpers.
+# transformers, timm, safetensors and huggingface_hub but no package registry: open_clip, ftfy and wcwidth.
 # They go to bench/wheels/ (git-ignored); copy that folder along with the working tree, then on the GPU machine:
 #   pip install --no-index --no-deps bench/wheels/*.whl
 # bitsandbytes is not carried (a ~60 MB binary wheel tied to a CUDA build): without it the NF4 rows are skipped.
