@@ -1,0 +1,608 @@
+"""One prepared check on one CUDA GPU: training step throughput, loader throughput, caption throughput, environment.
+
+Not a test: it measures and reports, whatever the numbers are. One JSON file plus a printed table:
+
+    PYTHONPATH=. python bench/gpu_check.py --out gpu.json            # one CUDA GPU, under 8 minutes
+    python bench/gpu_check.py --tiny --out /tmp/x.json                  # tiny configs on CPU, seconds (the test suite)
+
+1. train: the real ViT-B-32 (random weights) at batch 512 in bf16 autocast through `latteclip_nb.train.Trainer`:
+   flyp_pl (online pseudo-labels), latteclip text_grad="exact" and "fast", GPU-resident inputs; the methods take turns
+   (the order rotates every repetition) after warm-up; median step time, images/s, peak GPU memory, ratio to flyp_pl.
+2. loader: JPEGs (500x375) written at start-up, read through the same DataLoader that `train` builds (SeededViews,
+   EpochBatches, collate_views, the train augmentation, num_workers = the cores): the loader alone, and the latteclip
+   exact step fed by it, against the same step on GPU-resident tensors.
+3. caption: `LlavaCaptioner.describe` on LLaVA-1.6-Mistral-7B's architecture with random weights (saved once to a
+   temporary folder, loaded the way a downloaded checkpoint is): bf16, and NF4 when bitsandbytes imports; single view
+   and anyres; batch 64, 16, 1; every answer forced to 30 tokens; a photo and (anyres) the 672x672 group collage;
+   captions/s, prefill (a 1-token answer) and decode per token, peak GPU memory.
+4. environment: GPU, torch, transformers, open_clip, bitsandbytes, Python, cores, git commit.
+
+Each section has a share of the time budget (--budget-s, default 450 s: the whole command, imports included, stays
+under 8 minutes); a measurement that would not fit in what is left is skipped and listed under "skipped" with its
+estimate.
+"""
+import argparse, gc, json, math, os, platform, shutil, statistics, subprocess, sys, tempfile, time, traceback
+_T0 = time.perf_counter()   # before the heavy imports: the whole run is reported, not only the measured part
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for p in (str(ROOT), str(HERE)):   # the package from the working tree, and the sibling bench scripts
+    if p not in sys.path: sys.path.insert(0, p)
+
+import numpy as np
+import torch
+from PIL import Image
+
+SCHEMA = 1
+SHARES = {"startup": 15, "train": 75, "loader": 60, "caption": 300}   # relative shares of --budget-s, cumulative
+TARGETS = {"latteclip_exact_images_per_s": (">=", 5000), "latteclip_exact_ratio_to_flyp_pl": ("<=", 1.45),
+           "loader_images_per_s": (">=", 3000), "captions_per_s_single_bf16_b64": (">=", 25)}
+
+CLASSES = ["banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked", "crosshatched",
+           "crystalline", "dotted", "fibrous", "flecked", "freckled", "frilly", "gauzy", "grid", "grooved", "honeycombed",
+           "interlaced", "knitted", "lacelike", "lined", "marbled", "matted", "meshed", "paisley", "perforated", "pitted",
+           "pleated", "polka-dotted", "porous", "potholed", "scaly", "smeared", "spiralled", "sprinkled", "stained",
+           "stratified", "striped", "studded", "swirly", "veined", "waffled", "woven", "wrinkled", "zigzagged"]  # DTD's 47
+SUBJECTS = ["A close-up photo of", "A detailed view of", "An image showing", "A picture of", "A photograph of", "A macro shot of"]
+THINGS = ["woven fabric", "a stone wall", "old tree bark", "a ceramic tile", "a knitted scarf", "dry cracked soil",
+          "a honeycomb", "a marble floor", "a metal grate", "a lace curtain", "a leather bag", "a painted wooden door"]
+DETAILS = ["with thin parallel stripes in muted brown and beige tones",
+           "covered in small irregular dark spots on a pale background",
+           "showing a dense repeating pattern of tiny hexagonal cells",
+           "with rough uneven ridges running diagonally across the surface",
+           "featuring bright alternating squares of black and white color",
+           "with soft fuzzy fibers tangled together in loose curls",
+           "marked by deep grooves and scattered flecks of grey paint",
+           "with smooth glossy swirls of cream and dark green"]
+SETTINGS = ["under soft daylight", "in harsh direct sunlight", "under warm indoor lamps", "in a dim corner",
+            "against a plain white wall", "on a wooden table"]
+
+
+def description(i: int) -> str:
+    """An image description of about 20 words, different for every `i` (the length of a LLaVA answer under a 20-word prompt)."""
+    return (f"{SUBJECTS[i % 6]} {THINGS[(i // 6) % 12]} {DETAILS[(i // 72) % 8]} {SETTINGS[(i // 576) % 6]}, "
+            f"item {i}.")
+
+
+def group_description(g: int) -> str:
+    """A group description of about 20 words, different for every group `g`."""
+    return (f"All the photos show {THINGS[g % 12]} {DETAILS[(g // 12) % 8]}, seen {SETTINGS[(g // 96) % 6]}, "
+            f"group {g}.")
+
+
+def synthetic_photo(i: int, size=(500, 375)) -> Image.Image:
+    """A smooth random photo (a JPEG of it is about as large as a real photo's), different for every `i`."""
+    rng = np.random.default_rng(i)
+    low = rng.integers(0, 256, (max(2, size[1] // 24), max(2, size[0] // 24), 3), dtype=np.uint8)
+    im = np.asarray(Image.fromarray(low).resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+    im = im + rng.integers(-12, 13, im.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(im, 0, 255).astype(np.uint8))
+
+
+def _write_jpeg(job):
+    folder, i, size = job
+    synthetic_photo(i, size).save(Path(folder) / f"{i:05d}.jpg", quality=90)
+    return (Path(folder) / f"{i:05d}.jpg").stat().st_size
+
+
+def cores() -> int:
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1
+
+
+class Budget:
+    """Cumulative per-section deadlines: time a section leaves unused goes to the later ones."""
+    def __init__(self, total_s: float, shares: dict):
+        self.t0, self.total, self.ends, acc = time.perf_counter(), total_s, {}, 0.0
+        scale = total_s / sum(shares.values())
+        for name, s in shares.items(): acc += s * scale; self.ends[name] = acc
+        self.section, self.skipped, self.spent, self._start = None, [], {}, 0.0
+
+    def elapsed(self) -> float: return time.perf_counter() - self.t0
+
+    def start(self, name: str):
+        self.section, self._start = name, self.elapsed()
+
+    def end(self):
+        self.spent[self.section] = round(self.elapsed() - self._start, 1)
+
+    def left(self) -> float: return self.ends[self.section] - self.elapsed()
+
+    def fits(self, what: str, estimate_s: float) -> bool:
+        """True when `estimate_s` fits in what is left of the section's budget; else record `what` as skipped."""
+        if estimate_s <= self.left(): return True
+        self.skip(what, f"needs ~{estimate_s:.0f} s, {max(0.0, self.left()):.0f} s left of the {self.section} budget",
+                  estimate_s)
+        return False
+
+    def skip(self, what: str, why: str, estimate_s=None):
+        self.skipped.append(dict(section=self.section, what=what, why=why,
+                                 estimate_s=None if estimate_s is None else round(estimate_s, 1)))
+        print(f"  skipped {what}: {why}", flush=True)
+
+
+def sync(device):
+    if device.type == "cuda": torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    """Peak GPU memory allocated since the last reset (GiB); None off CUDA."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def environment(device, commit=None) -> dict:
+    import transformers
+    env = dict(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               gpu_memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+               if device.type == "cuda" else None,
+               cuda=torch.version.cuda, torch=torch.__version__, transformers=transformers.__version__,
+               python=platform.python_version(), platform=platform.platform(), cpu_cores=cores(),
+               torch_threads=torch.get_num_threads())
+    try:
+        import open_clip; env["open_clip"] = open_clip.__version__
+    except ImportError: env["open_clip"] = None
+    try:
+        import bitsandbytes; env["bitsandbytes"] = bitsandbytes.__version__
+    except Exception: env["bitsandbytes"] = None   # absent, or present but without a usable CUDA build
+    env["git_commit"], env["git_dirty"] = commit, None
+    if commit is None:
+        try:
+            run = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, timeout=10, check=True).stdout
+            env["git_commit"] = run("rev-parse", "HEAD").strip()
+            env["git_dirty"] = bool(run("status", "--porcelain", "--untracked-files=no").strip())
+        except Exception: pass   # a copy of the tree without .git: pass --commit
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def make_texts(n_images: int, n_classes: int, seed: int = 0):
+    """c_zs and `captions.Texts` for n_images: one ~20-word description per image, 4 images per group, groups per class."""
+    from latteclip_nb.captions import Texts
+    g = torch.Generator().manual_seed(seed)
+    c_zs = torch.randint(0, n_classes, (n_images,), generator=g)
+    G = max(n_classes, n_images // 4)
+    group_label = torch.arange(G) % n_classes
+    # each image's own group is one of its class's groups (groups are collages of images with the same c_zs)
+    per_class = [torch.nonzero(group_label == c).flatten() for c in range(n_classes)]
+    group_of = torch.stack([per_class[int(c)][i % len(per_class[int(c)])] for i, c in enumerate(c_zs)])
+    texts = Texts(image=[description(i) for i in range(n_images)], group=[group_description(k) for k in range(G)],
+                  group_label=group_label, group_of=group_of)
+    return c_zs, texts
+
+
+def train_section(args, budget, device, res, state):
+    from latteclip_nb.clip import load_clip
+    from latteclip_nb.data import get_spec
+    from latteclip_nb.train import TrainConfig, Trainer
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, train_tf, _, tokenizer = load_clip(args.model, pretrained=None, device=device)
+    build_s = time.perf_counter() - t0
+    size = model.visual.preprocess_cfg["size"]
+    side = size if isinstance(size, int) else size[0]
+    B, N, C = args.batch, state["n_images"], args.classes
+    spec = get_spec("dtd")
+    names = (CLASSES * (C // len(CLASSES) + 1))[:C]
+    class_texts = [spec.template.format(c if i < len(CLASSES) else f"{c} {i}") for i, c in enumerate(names)]
+    c_zs, texts = make_texts(N, C)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    runs = {"flyp_pl": dict(method="flyp_pl", pseudo="online"),
+            "latteclip_exact": dict(method="latteclip", text_grad="exact"),
+            "latteclip_fast": dict(method="latteclip", text_grad="fast")}
+    t0 = time.perf_counter()
+    trainers = {name: Trainer(model, tokenizer, class_texts, TrainConfig(epochs=1, warmup_steps=1, batch_size=B,
+                                                                          precision=precision, **kw),
+                              total_steps=100_000, c_zs=c_zs, texts=texts, device=device) for name, kw in runs.items()}
+    setup_s = time.perf_counter() - t0
+    shared = trainers["flyp_pl"]
+    for t in trainers.values(): t.optimizer, t.scheduler = shared.optimizer, shared.scheduler   # one AdamW state in memory
+    tb = trainers["latteclip_exact"].table
+    lengths = (tb.tokens[tb.image_id].argmax(-1) + 1).float()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(B, 3, side, side, generator=g).to(device)
+    batches = [torch.randperm(N, generator=g)[:B].to(device) for _ in range(args.warmup + args.reps)]
+    names_ = list(runs)
+    times, peaks, encoded = {n: [] for n in names_}, {n: [] for n in names_}, {n: [] for n in names_}
+
+    def step(name, idx, record):
+        sync(device); reset_peak(device)
+        t = time.perf_counter()
+        trainers[name].step([(images, idx)], epoch=0)
+        sync(device)
+        dt = time.perf_counter() - t
+        if record:
+            times[name].append(dt); peaks[name].append(peak_gib(device)); encoded[name].append(trainers[name].texts_encoded)
+        return dt
+
+    last = {}
+    for w in range(args.warmup):
+        for name in names_: last[name] = step(name, batches[w], record=False)
+    per_round = sum(last.values())
+    reps = args.reps
+    while reps > 1 and per_round * reps > budget.left() - 1: reps -= 1
+    if reps < args.reps: budget.skip(f"train repetitions {reps + 1}..{args.reps}",
+                                     f"a round of the three methods takes {per_round:.2f} s", per_round * (args.reps - reps))
+    for r in range(reps):
+        order = names_[r % 3:] + names_[:r % 3]
+        for name in order: step(name, batches[args.warmup + r], record=True)
+    methods = {}
+    for name in names_:
+        med = statistics.median(times[name])
+        methods[name] = dict(median_step_s=round(med, 5), min_step_s=round(min(times[name]), 5),
+                             max_step_s=round(max(times[name]), 5), images_per_s=round(B / med, 1),
+                             peak_mem_gib=None if device.type != "cuda" else max(peaks[name]),
+                             texts_encoded=int(statistics.median(encoded[name])), steps_s=[round(x, 5) for x in times[name]])
+    for name in names_:
+        methods[name]["ratio_to_flyp_pl"] = round(methods[name]["median_step_s"] / methods["flyp_pl"]["median_step_s"], 4)
+    res["train"] = dict(model=args.model, weights="random", batch=B, precision=precision, image_size=side, classes=C,
+                        images=N, groups=len(texts.group), warmup_steps_per_method=args.warmup, reps=reps,
+                        order="interleaved, rotated every repetition", inputs="GPU-resident tensors" if device.type == "cuda"
+                        else "resident tensors", build_s=round(build_s, 2), trainer_setup_s=round(setup_s, 2),
+                        description_words=round(statistics.mean(len(s.split()) for s in texts.image[:512]), 1),
+                        description_tokens=round(float(lengths.mean()), 1),
+                        group_description_tokens=round(float((tb.tokens[tb.group_id].argmax(-1) + 1).float().mean()), 1),
+                        methods=methods)
+    state.update(model=model, train_tf=train_tf, tokenizer=tokenizer, exact=trainers["latteclip_exact"])
+
+
+# ------------------------------------------------------------------------------------------------------- loader
+def loader_section(args, budget, device, res, state):
+    from torch.utils.data import DataLoader
+    from latteclip_nb.data import Split, load_image
+    from latteclip_nb.train import EpochBatches, SeededViews, collate_views
+    split, train_tf, B, W = state["split"], state.get("train_tf"), args.batch, args.workers
+    if train_tf is None:   # the train section did not run: the same augmentation from the same loader
+        from latteclip_nb.clip import load_clip
+        train_tf = load_clip(args.model, pretrained=None, device="cpu")[1]
+    # what one worker spends per image: decoding and the train augmentation, timed in this process
+    k = min(32, state["n_files"])
+    t = time.perf_counter(); ims = [load_image(p) for p in split.paths[:k]]; decode = (time.perf_counter() - t) / k
+    t = time.perf_counter(); [train_tf(im) for im in ims]; augment = (time.perf_counter() - t) / k
+    views = SeededViews(split, train_tf, 0)
+    t = time.perf_counter(); [views[(0, i)] for i in range(k)]; per_image = (time.perf_counter() - t) / k
+    expect = W / per_image   # what W workers could give if nothing else limited them
+    sampler = EpochBatches(len(split), B, 1, 0, True)
+    # the DataLoader `train` builds, with the same arguments
+    loader = DataLoader(views, batch_sampler=sampler, num_workers=W, collate_fn=collate_views,
+                        pin_memory=device.type == "cuda", persistent_workers=W > 0)
+    n_epoch = sampler.steps_per_epoch * B
+    out = dict(files=state["n_files"], file_size=list(args.jpeg_size), jpeg_mib=state["jpeg_mib"], write_s=state["write_s"],
+               split_images=len(split), steps_per_epoch=sampler.steps_per_epoch, batch=B, num_workers=W,
+               pin_memory=device.type == "cuda", augmentation="clip.make_train_transform (RandomResizedCrop 0.9-1, "
+               "ColorJitter p=.8, grayscale p=.2)", decode_ms_per_image=round(1000 * decode, 2),
+               augment_ms_per_image=round(1000 * augment, 2), view_ms_per_image=round(1000 * per_image, 2),
+               workers_bound_images_per_s=round(expect, 1))
+    res["loader"] = out
+
+    def epoch(e, consume=None):
+        sampler.set_epoch(e)
+        t0 = time.perf_counter(); n = 0; first = None
+        for batch in loader:
+            if batch is None: continue
+            if consume is not None: consume(batch, e)
+            n += len(batch[1])
+            if first is None: first = (time.perf_counter() - t0, n)
+        sync(device)
+        total = time.perf_counter() - t0
+        after = (n - first[1]) / max(1e-9, total - first[0]) if first and n > first[1] else None
+        return n, total, first[0] if first else None, after
+
+    est = n_epoch / expect * 1.5 + 5
+    if not budget.fits("loader: the first (worker start-up) epoch", est): return
+    n, total, first, _ = epoch(0)
+    out["first_epoch_s"] = round(total, 2)
+    if not budget.fits("loader: the timed loader-only epoch", total): return
+    n, total, first, _ = epoch(1)
+    out.update(loader_images_per_s=round(n / total, 1), loader_epoch_s=round(total, 2), loader_first_batch_s=round(first, 3))
+    trainer = state.get("exact")
+    resident = res.get("train", {}).get("methods", {}).get("latteclip_exact", {}).get("images_per_s")
+    if trainer is None: budget.skip("loader: the latteclip exact step fed by the loader", "the train section did not run")
+    elif budget.fits("loader: the latteclip exact step fed by the loader", total + n / resident * 1.2 + 2):
+        reset_peak(device)
+        n, total, first, after = epoch(2, lambda batch, e: trainer.step([batch], e))
+        out.update(fed_images_per_s=round(n / total, 1), fed_epoch_s=round(total, 2), fed_first_batch_s=round(first, 3),
+                   fed_after_first_batch_images_per_s=None if after is None else round(after, 1),
+                   resident_images_per_s=resident, fed_over_resident=round(n / total / resident, 3),
+                   fed_peak_mem_gib=peak_gib(device))
+    rate, fed = out["loader_images_per_s"], out.get("fed_images_per_s")
+    fed_txt = "" if fed is None else f"; the exact step fed by it runs at {fed:.0f} images/s"
+    if resident is None: out["statement"] = f"the loader alone gives {rate:.0f} images/s with {W} workers"
+    elif rate >= resident:
+        out["statement"] = (f"the loader alone gives {rate:.0f} images/s with {W} workers, more than the "
+                            f"{resident:.0f} images/s of the step on resident tensors{fed_txt}")
+    else:
+        out["statement"] = (f"input-bound: {W} workers deliver {rate:.0f} images/s (a seeded view of a "
+                            f"{args.jpeg_size[0]}x{args.jpeg_size[1]} JPEG takes {1000 * per_image:.1f} ms in one process: "
+                            f"{1000 * decode:.1f} ms decoding, {1000 * augment:.1f} ms augmenting, the rest seeding; so at "
+                            f"most ~{expect:.0f}/s), the step on resident tensors runs at {resident:.0f} images/s{fed_txt}")
+    # keeping up: the fed step within 10% of the resident one (or, unfed, a loader at least as fast as the step)
+    out["keeps_up"] = (None if resident is None else bool(fed >= 0.9 * resident) if fed is not None
+                       else bool(rate >= resident))
+    del loader
+
+
+# ------------------------------------------------------------------------------------------------------ caption
+def caption_section(args, budget, device, res, state):
+    out = dict(runs=[], answer_tokens=args.answer_tokens)
+    res["caption"] = out
+    try:
+        from latteclip_nb import captioners
+    except ImportError as e:
+        budget.skip("caption: every run", f"latteclip_nb.captioners does not import ({e})")
+        out["error"] = f"import failed: {e}"
+        return
+    from latteclip_nb.collage import make_collage
+    from latteclip_nb.data import get_spec
+    from latteclip_nb.prompts import group_prompt, image_prompt, llava_chat
+    work = state["work"]
+    t0 = time.perf_counter()
+    if args.tiny:
+        folder = captioners.build_tiny_llava(work / "tiny-llava")
+        out["model"] = "tiny LLaVA-NeXT (captioners.build_tiny_llava)"
+    else:
+        if not budget.fits("caption: building LLaVA-1.6-Mistral-7B", 90): return
+        from caption_throughput import build_random_llava_7b
+        folder = build_random_llava_7b(work / "llava-7b-random", device, args.llava_text_layers, args.llava_vision_layers)
+        out["model"] = (f"LLaVA-1.6-Mistral-7B architecture, random weights ({args.llava_text_layers} Mistral layers, "
+                        f"{args.llava_vision_layers} CLIP layers)")
+    out["build_and_save_s"] = round(time.perf_counter() - t0, 1)
+    out["checkpoint_mib"] = round(sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20, 2)
+    if device.type == "cuda": torch.cuda.empty_cache()
+    spec = get_spec("dtd")
+    photo_prompt, collage_prompt = image_prompt(spec), group_prompt(spec)
+    B_max = max(args.caption_batches)
+    pool = max(B_max * (args.caption_reps + 1), 4)   # distinct images for the warm-up and every timed batch (cycled beyond)
+    photos = [synthetic_photo(10_000 + i) for i in range(pool)]
+    collages = [make_collage([synthetic_photo(20_000 + 4 * i + j) for j in range(4)], size=672) for i in range(pool)]
+    inputs = {"photo": (photos, photo_prompt), "collage": (collages, collage_prompt)}
+    precisions = ["bf16" if device.type == "cuda" else "fp32"]
+    if device.type == "cuda" and state["env"].get("bitsandbytes"): precisions.append("nf4")
+    else: budget.skip("caption: NF4", "bitsandbytes does not import" if device.type == "cuda" else "NF4 needs CUDA")
+    N = args.answer_tokens
+    load_est, per_caption = 60.0, {}
+
+    def describe_batches(cap, images, prompt, B, n_batches, tokens, start=0):
+        """Seconds of each of `n_batches` describe() calls of B images (taken cyclically from `start`), and the answers."""
+        cap.max_new_tokens, cap.generate_kwargs = tokens, {**cap.generate_kwargs, "min_new_tokens": tokens}
+        cap.batch_size = B
+        ts, answers = [], []
+        for b in range(n_batches):
+            batch = [images[(start + b * B + j) % len(images)] for j in range(B)]
+            sync(device); t = time.perf_counter()
+            answers += cap.describe(batch, [prompt] * B)
+            sync(device); ts.append(time.perf_counter() - t)
+        return ts, answers
+
+    for precision in precisions:
+        for view in ("single", "anyres"):
+            kinds = ["photo"] if view == "single" else ["photo", "collage"]
+            if not budget.fits(f"caption: loading {precision} {view}", load_est * (2 if precision == "nf4" else 1) + 5): continue
+            reset_peak(device)
+            t0 = time.perf_counter()
+            cap = captioners.LlavaCaptioner(str(folder), single_view=view == "single", quantize=precision, device=device,
+                                            max_new_tokens=N, generate_kwargs={"min_new_tokens": N})
+            load_s = time.perf_counter() - t0
+            load_est = load_s if precision != "nf4" else load_est
+            load_peak_gib = peak_gib(device)
+            cfg = cap.model.config
+            image_token = getattr(cfg, "image_token_id", None) or cfg.image_token_index
+            tokens = {}
+            for kind in kinds:   # image tokens per item and prompt length, from the captioner's own processor
+                images, prompt = inputs[kind]
+                enc = cap.processor(images=[images[0].convert("RGB")], text=[llava_chat(prompt)], return_tensors="pt")
+                tokens[kind] = (int((enc["input_ids"] == image_token).sum()), int(enc["input_ids"].shape[1]))
+            warmed = False
+            for B in sorted(args.caption_batches, reverse=True):   # the largest batch first: the targets' setting
+                for kind in kinds:
+                    images, prompt = inputs[kind]
+                    n_image_tokens, prompt_tokens = tokens[kind]
+                    n_batches = args.caption_reps if B > 1 else max(args.caption_reps, 3)
+                    est = _caption_estimate(per_caption, precision, view, kind, B, n_image_tokens, n_batches)
+                    what = f"caption: {precision} {view} {kind} batch {B}"
+                    if est is not None and not budget.fits(what, est): continue
+                    if est is None and budget.left() < 10: budget.skip(what, "less than 10 s left"); continue
+                    reset_peak(device)
+                    warm = None
+                    if not warmed:   # once per loaded model: kernels, the allocator's pools
+                        warm = describe_batches(cap, images, prompt, B, 1, N)[0][0]; warmed = True
+                    full, answers = describe_batches(cap, images, prompt, B, n_batches, N, start=B)
+                    pre, _ = describe_batches(cap, images, prompt, B, n_batches, 1, start=B)
+                    t_full, t_pre = statistics.median(full), statistics.median(pre)
+                    decode = max(0.0, t_full - t_pre) / max(1, N - 1)
+                    row = dict(precision=cap.precision, view=view, image=kind, batch=B, batches=n_batches,
+                               image_tokens=n_image_tokens, prompt_tokens=prompt_tokens, answer_tokens=N,
+                               median_batch_s=round(t_full, 4), captions_per_s=round(B / t_full, 3),
+                               prefill_s=round(t_pre, 4), decode_s_per_token=round(decode, 5),
+                               decode_tokens_per_s=round(B / decode, 1) if decode > 0 else None,
+                               prefill_share=round(t_pre / t_full, 3), warmup_s=None if warm is None else round(warm, 3),
+                               mean_words=round(statistics.mean(len(a.split()) for a in answers), 1),
+                               load_s=round(load_s, 1), load_peak_gib=load_peak_gib, peak_mem_gib=peak_gib(device))
+                    out["runs"].append(row)
+                    per_caption[(precision, view, kind, B)] = (t_full, t_pre, n_image_tokens)
+                    print(f"  caption {precision:4s} {view:6s} {kind:7s} batch {B:3d}: {row['captions_per_s']:8.2f} captions/s "
+                          f"(prefill {t_pre:.3f} s, decode {1000 * decode:.2f} ms/token)", flush=True)
+            del cap
+            if device.type == "cuda": torch.cuda.empty_cache()
+
+
+def _caption_estimate(per_caption, precision, view, kind, B, image_tokens, n_batches):
+    """Seconds a caption setting will take (warm-up + timed + prefill-only batches), from the closest one measured."""
+    same = [(k, v) for k, v in per_caption.items() if k[0] == precision]
+    if not same: same = list(per_caption.items())
+    if not same: return None
+    (_, _, _, b), (t_full, t_pre, toks) = min(same, key=lambda kv: (kv[0][1] != view, kv[0][2] != kind, abs(kv[0][3] - B)))
+    scale = max(1.0, image_tokens / max(1, toks))
+    pre = t_pre * scale * B / b
+    full = pre + (t_full - t_pre) * max(1.0, scale) * max(1.0, math.sqrt(B / b))
+    return 1.3 * (full * (n_batches + 1) + pre * n_batches) + (5 if precision == "nf4" else 0)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def targets(res, applies: bool) -> dict:
+    m = res.get("train", {}).get("methods", {})
+    runs = res.get("caption", {}).get("runs", [])
+    cap = next((r["captions_per_s"] for r in runs if r["precision"] == "bf16" and r["view"] == "single"
+                and r["image"] == "photo" and r["batch"] == 64), None)
+    measured = {"latteclip_exact_images_per_s": m.get("latteclip_exact", {}).get("images_per_s"),
+                "latteclip_exact_ratio_to_flyp_pl": m.get("latteclip_exact", {}).get("ratio_to_flyp_pl"),
+                "loader_images_per_s": res.get("loader", {}).get("loader_images_per_s"),
+                "captions_per_s_single_bf16_b64": cap}
+    out = {}
+    for k, (op, goal) in TARGETS.items():
+        v = measured[k]
+        met = None if v is None or not applies else bool(v >= goal if op == ">=" else v <= goal)
+        out[k] = dict(target=f"{op} {goal}", measured=v, met=met)
+    return out
+
+
+def print_table(res):
+    env = res["environment"]
+    print(f"\n== gpu_check ({res['mode']}) on {env['gpu'] or env['device']}, torch {env['torch']}, transformers "
+          f"{env['transformers']}, open_clip {env['open_clip']}, commit {(env['git_commit'] or '?')[:10]}, "
+          f"{res['process_s']:.0f} s")
+    tr = res.get("train")
+    if tr:
+        print(f"\ntraining step: {tr['model']} batch {tr['batch']} {tr['precision']}, {tr['reps']} interleaved repetitions, "
+              f"descriptions ~{tr['description_words']} words / {tr['description_tokens']} tokens")
+        print(f"  {'method':16s} {'images/s':>10s} {'median s':>10s} {'x flyp_pl':>10s} {'peak GiB':>9s} {'texts':>6s}")
+        for name, m in tr["methods"].items():
+            print(f"  {name:16s} {m['images_per_s']:10.1f} {m['median_step_s']:10.4f} {m['ratio_to_flyp_pl']:10.3f} "
+                  f"{m['peak_mem_gib'] if m['peak_mem_gib'] is not None else '-':>9} {m['texts_encoded']:6d}")
+    ld = res.get("loader")
+    if ld and "loader_images_per_s" in ld:
+        print(f"\nloader: {ld['files']} JPEGs {ld['file_size'][0]}x{ld['file_size'][1]}, {ld['num_workers']} workers, "
+              f"decode {ld['decode_ms_per_image']} ms + augment {ld['augment_ms_per_image']} ms per image, "
+              f"{ld['view_ms_per_image']} ms per seeded view")
+        print(f"  loader alone        {ld['loader_images_per_s']:10.1f} images/s")
+        if "fed_images_per_s" in ld:
+            print(f"  exact step, loader  {ld['fed_images_per_s']:10.1f} images/s")
+            print(f"  exact step, resident{ld['resident_images_per_s']:10.1f} images/s   fed/resident {ld['fed_over_resident']:.2f}")
+        print(f"  {ld['statement']}")
+    cp = res.get("caption", {}).get("runs")
+    if cp:
+        print(f"\ncaptions ({res['caption']['model']}, {res['caption']['answer_tokens']} tokens per answer):")
+        print(f"  {'prec':5s} {'view':7s} {'image':8s} {'batch':>5s} {'captions/s':>10s} {'prefill s':>9s} "
+              f"{'ms/token':>9s} {'img tok':>7s} {'peak GiB':>9s}")
+        for r in cp:
+            print(f"  {r['precision']:5s} {r['view']:7s} {r['image']:8s} {r['batch']:5d} {r['captions_per_s']:10.2f} "
+                  f"{r['prefill_s']:9.3f} {1000 * r['decode_s_per_token']:9.2f} {r['image_tokens']:7d} "
+                  f"{r['peak_mem_gib'] if r['peak_mem_gib'] is not None else '-':>9}")
+    print("\ntargets:")
+    for k, t in res["targets"].items():
+        print(f"  {k:34s} {t['target']:>8s}  measured {t['measured']}  met {t['met']}")
+    for s in res["skipped"]: print(f"  skipped [{s['section']}] {s['what']}: {s['why']}")
+    for e in res["errors"]: print(f"  ERROR [{e['section']}] {e['error']}")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the JSON file to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny configs on CPU in seconds (the test suite's run)")
+    p.add_argument("--device", default=None, help="default: cuda if available (--tiny: cpu)")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 450; --tiny: 120)")
+    p.add_argument("--sections", default="train,loader,caption")
+    p.add_argument("--model", default=None, help="open_clip architecture (default ViT-B-32; --tiny: latte-tiny)")
+    p.add_argument("--batch", type=int, default=None, help="training batch (default 512; --tiny: 16)")
+    p.add_argument("--classes", type=int, default=None, help="classes (default 47, DTD's; --tiny: 8)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default 20; --tiny: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per method (default 3; --tiny: 1)")
+    p.add_argument("--files", type=int, default=None, help="JPEG files written at start-up (default 4096; --tiny: 32)")
+    p.add_argument("--jpeg-size", type=int, nargs=2, default=None, metavar=("W", "H"), help="default 500 375 (--tiny: 160 120)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the cores; --tiny: 1)")
+    p.add_argument("--caption-batches", default=None, help="default 64,16,1 (--tiny: 2,1)")
+    p.add_argument("--caption-reps", type=int, default=None, help="timed batches per caption setting (default 2; --tiny: 1)")
+    p.add_argument("--answer-tokens", type=int, default=30, help="every answer is forced to this many tokens")
+    p.add_argument("--llava-text-layers", type=int, default=32, help="Mistral layers of the 7B build (fewer: a smoke test)")
+    p.add_argument("--llava-vision-layers", type=int, default=24)
+    p.add_argument("--work-dir", default=None, help="temporary files (JPEGs, the random checkpoint); default: a new temp folder")
+    p.add_argument("--keep-work", action="store_true", help="keep --work-dir afterwards")
+    p.add_argument("--commit", default=None, help="git commit to record when the tree has no .git")
+    a = p.parse_args(argv)
+    tiny = a.tiny
+    for name, full, small in [("budget_s", 450.0, 120.0), ("model", "ViT-B-32", "latte-tiny"), ("batch", 512, 16),
+                              ("classes", 47, 8), ("reps", 20, 3), ("warmup", 3, 1), ("files", 4096, 32),
+                              ("jpeg_size", [500, 375], [160, 120]), ("workers", cores(), 1),
+                              ("caption_batches", "64,16,1", "2,1"), ("caption_reps", 2, 1)]:
+        if getattr(a, name) is None: setattr(a, name, small if tiny else full)
+    if a.device is None: a.device = "cpu" if tiny else None
+    a.caption_batches = [int(b) for b in str(a.caption_batches).split(",")]
+    a.sections = [s for s in a.sections.split(",") if s]
+    bad = [s for s in a.sections if s not in ("train", "loader", "caption")]
+    if bad: p.error(f"--sections: {bad} (use train, loader, caption)")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    out_path = Path(args.out)
+    if out_path.exists() and not args.overwrite:
+        print(f"{out_path} exists: pass another --out, or --overwrite to replace it", file=sys.stderr); return 2
+    try: import open_clip  # noqa: F401
+    except ImportError:
+        print("open_clip is not installed: pip install --no-index --no-deps bench/wheels/*.whl "
+              "(bench/fetch_wheels.sh downloads them where there is a registry)", file=sys.stderr); return 2
+    from latteclip_nb.core import atomic_write_json, get_device
+    budget = Budget(args.budget_s, SHARES)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="latteclip-gpucheck-"))
+    work.mkdir(parents=True, exist_ok=True)
+    res = dict(schema=SCHEMA, mode="tiny" if args.tiny else "full", started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               argv=sys.argv[1:] if argv is None else list(argv), budget_s=args.budget_s, skipped=[], errors=[])
+    state = {"work": work}
+    try:
+        # start-up: the JPEGs first, before CUDA is initialised in this process
+        budget.start("startup")
+        from latteclip_nb.data import Split
+        jpegs = work / "jpegs"; jpegs.mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        jobs = [(str(jpegs), i, tuple(args.jpeg_size)) for i in range(args.files if "loader" in args.sections else 0)]
+        if args.workers > 1 and args.files > 64:
+            with ProcessPoolExecutor(min(args.workers, cores())) as ex: sizes = list(ex.map(_write_jpeg, jobs, chunksize=32))
+        else: sizes = [_write_jpeg(j) for j in jobs]
+        # one epoch lists the files often enough that every worker builds at least two batches (a steady state)
+        repeat = max(1, math.ceil(2 * max(1, args.workers) * args.batch / args.files))
+        ids = [f"{i:05d}.jpg" for i in range(args.files)] * repeat
+        state.update(split=Split(jpegs, ids, None, CLASSES[:args.classes] if args.classes <= len(CLASSES) else
+                                 [f"class {i}" for i in range(args.classes)]),
+                     n_files=args.files, n_images=len(ids), jpeg_mib=round(sum(sizes) / 2**20, 1),
+                     write_s=round(time.perf_counter() - t0, 2))
+        device = get_device(args.device)
+        state["env"] = res["environment"] = environment(device, args.commit)
+        wrote = f", {len(jobs)} JPEGs ({state['jpeg_mib']} MiB) in {state['write_s']} s" if jobs else ""
+        print(f"gpu_check: {device} {res['environment']['gpu'] or ''}{wrote}, budget {args.budget_s:.0f} s", flush=True)
+        budget.end()
+        for name, fn in (("train", train_section), ("loader", loader_section), ("caption", caption_section)):
+            if name not in args.sections: continue
+            if name == "caption":   # the captioner's peak memory is measured without the training state beside it
+                for k in ("model", "exact", "train_tf", "tokenizer"): state.pop(k, None)
+                gc.collect()
+                if device.type == "cuda": torch.cuda.empty_cache()
+            budget.start(name)
+            print(f"[{name}] {budget.left():.0f} s budget", flush=True)
+            try: fn(args, budget, device, res, state)
+            except Exception as e:
+                traceback.print_exc()
+                res["errors"].append(dict(section=name, error=f"{type(e).__name__}: {e}"))
+            budget.end()
+            if device.type == "cuda": torch.cuda.empty_cache()
+    finally:
+        state.clear()
+        if not args.keep_work: shutil.rmtree(work, ignore_errors=True)
+    res["section_s"], res["skipped"] = budget.spent, budget.skipped
+    res["wall_s"] = round(budget.elapsed(), 1)
+    res["process_s"] = round(time.perf_counter() - _T0, 1)   # with the imports
+    res["targets"] = targets(res, applies=res["mode"] == "full" and device.type == "cuda")
+    atomic_write_json(out_path, res)
+    print_table(res)
+    print(f"\nwrote {out_path}")
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""bench/gpu_check.py --tiny on CPU: the GPU check runs end to end and writes every field, so it cannot rot between GPU runs."""
+import json, math, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import gpu_check  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check") / "x.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(out.read_text()), p.stdout
+
+
+def test_environment_and_bookkeeping(report):
+    res, stdout = report
+    assert res["schema"] == gpu_check.SCHEMA and res["mode"] == "tiny" and res["errors"] == []
+    env = res["environment"]
+    import torch, transformers, open_clip
+    assert env["device"] == "cpu" and env["gpu"] is None and env["gpu_memory_gib"] is None
+    assert (env["torch"], env["transformers"], env["open_clip"]) == (torch.__version__, transformers.__version__, open_clip.__version__)
+    assert env["cpu_cores"] >= 1 and env["python"].count(".") == 2
+    assert "git_commit" in env and (env["git_commit"] is None or len(env["git_commit"]) == 40)
+    assert 0 < res["wall_s"] < res["budget_s"]
+    assert set(res["section_s"]) == {"startup", "train", "loader", "caption"}
+    # NF4 needs CUDA: on a CPU it is skipped, and the skip is recorded with its reason
+    assert any("NF4" in s["what"] and s["why"] for s in res["skipped"])
+    # targets are GPU targets: listed with the measured value, never judged on a CPU run
+    assert set(res["targets"]) == set(gpu_check.TARGETS)
+    assert all(t["met"] is None for t in res["targets"].values())
+    assert res["targets"]["latteclip_exact_images_per_s"]["measured"] == res["train"]["methods"]["latteclip_exact"]["images_per_s"]
+    assert "training step" in stdout and "captions" in stdout and "targets:" in stdout
+
+
+def test_train_section(report):
+    tr = report[0]["train"]
+    assert tr["model"] == "latte-tiny" and tr["batch"] == 16 and tr["precision"] == "fp32" and tr["reps"] == 3
+    assert 15 <= tr["description_words"] <= 25          # descriptions of realistic length (~20 words)
+    assert tr["description_tokens"] > 20
+    m = tr["methods"]
+    assert set(m) == {"flyp_pl", "latteclip_exact", "latteclip_fast"}
+    for name, r in m.items():
+        assert len(r["steps_s"]) == tr["reps"] and all(t > 0 for t in r["steps_s"])
+        assert r["min_step_s"] <= r["median_step_s"] <= r["max_step_s"]
+        assert math.isclose(r["images_per_s"], tr["batch"] / r["median_step_s"], rel_tol=2e-3)
+        # the ratio comes from the medians of this same run
+        assert math.isclose(r["ratio_to_flyp_pl"], r["median_step_s"] / m["flyp_pl"]["median_step_s"], rel_tol=2e-3)
+        assert r["peak_mem_gib"] is None                  # no GPU: null, not a made-up number
+    assert m["flyp_pl"]["ratio_to_flyp_pl"] == 1.0
+    # online flyp_pl encodes every class text for its pseudo-labels; latteclip at least one description per image
+    assert m["flyp_pl"]["texts_encoded"] >= tr["classes"]
+    assert m["latteclip_exact"]["texts_encoded"] >= tr["batch"] and m["latteclip_fast"]["texts_encoded"] >= tr["batch"]
+
+
+def test_loader_section(report):
+    res = report[0]
+    ld = res["loader"]
+    assert ld["files"] == 32 and ld["num_workers"] == 1 and ld["batch"] == 16
+    assert ld["split_images"] == ld["steps_per_epoch"] * ld["batch"]
+    for k in ("loader_images_per_s", "fed_images_per_s", "decode_ms_per_image", "augment_ms_per_image", "view_ms_per_image",
+              "workers_bound_images_per_s", "jpeg_mib"):
+        assert ld[k] > 0, k
+    # fed and resident throughputs of the same latteclip exact step, from the same run
+    assert ld["resident_images_per_s"] == res["train"]["methods"]["latteclip_exact"]["images_per_s"]
+    assert math.isclose(ld["fed_over_resident"], ld["fed_images_per_s"] / ld["resident_images_per_s"], rel_tol=1e-2)
+    assert isinstance(ld["keeps_up"], bool) and ld["statement"]
+
+
+def test_caption_section(report):
+    cap = report[0]["caption"]
+    assert cap["answer_tokens"] == 30 and cap["checkpoint_mib"] > 0
+    rows = {(r["view"], r["image"], r["batch"]): r for r in cap["runs"]}
+    assert set(rows) == {(v, k, b) for v, k in [("single", "photo"), ("anyres", "photo"), ("anyres", "collage")] for b in (2, 1)}
+    for r in rows.values():
+        assert r["precision"] == "fp32" and r["peak_mem_gib"] is None
+        assert math.isclose(r["captions_per_s"], r["batch"] / r["median_batch_s"], rel_tol=2e-3)
+        assert r["prefill_s"] > 0 and r["decode_s_per_token"] >= 0 and r["mean_words"] > 0
+    # LLaVA-1.6 geometry: single view (336/14)^2 = 576 tokens; anyres adds the tiles of the best grid with one newline
+    # per row: a 672x672 collage -> 2x2 tiles = 48x48 patches + 48 newlines -> 576 + 2352 = 2928; a 500x375 photo -> 2340
+    assert {k: r["image_tokens"] for k, r in rows.items() if k[2] == 1} == {
+        ("single", "photo", 1): 576, ("anyres", "photo", 1): 2340, ("anyres", "collage", 1): 2928}
+
+
+def test_budget_skips_and_records():
+    b = gpu_check.Budget(100.0, {"a": 1, "b": 3})
+    assert b.ends == {"a": 25.0, "b": 100.0}             # cumulative: what "a" leaves unused goes to "b"
+    b.start("a")
+    assert b.fits("small", 1.0) and not b.fits("huge", 1e6)
+    assert b.skipped == [dict(section="a", what="huge", why=b.skipped[0]["why"], estimate_s=1e6)]
+    assert "left of the a budget" in b.skipped[0]["why"]
+
+
+def test_texts_are_realistic():
+    c_zs, texts = gpu_check.make_texts(256, 8)
+    assert len(set(texts.image)) == 256 and len(set(texts.group)) == len(texts.group) == 64
+    assert all(15 <= len(s.split()) <= 25 for s in texts.image + texts.group)
+    # every image's own group is a group of its zero-shot class (groups are shared per class)
+    assert (texts.group_label[texts.group_of] == c_zs).all()
+
+
+def test_refuses_to_replace_a_result(tmp_path):
+    f = tmp_path / "x.json"
+    f.write_text("{}")
+    assert gpu_check.main(["--tiny", "--out", str(f)]) == 2
+    assert f.read_text() == "{}"
+
+
+def test_needs_neither_openai_nor_papermill(tmp_path):
+    # a GPU machine may lack both: with their imports blocked, the training and loader sections still run and the
+    # JSON is written
+    out = tmp_path / "y.json"
+    code = ("import sys, runpy; sys.modules['openai'] = None; sys.modules['papermill'] = None; "
+            f"sys.argv = ['gpu_check.py', '--tiny', '--sections', 'train,loader', '--reps', '1', '--out', {str(out)!r}]; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == [] and res["train"]["methods"]["latteclip_exact"]["images_per_s"] > 0
+    assert res["loader"]["fed_images_per_s"] > 0 and "caption" not in res
