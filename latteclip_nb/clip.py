@@ -20,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import atomic_write_bytes, atomic_write_json, cache_root, get_device, log, read_json
+from .core import atomic_write_bytes, atomic_write_json, cache_root, file_keys, get_device, log, read_json
 from .data import ImageDataset, Split, collate_skip
 
 # %% auto #0
@@ -168,15 +168,14 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 def pseudo_label_key(key: dict, template: str, classnames, k: int, root=None) -> dict:
-    """The full cache key of zero-shot pseudo-labels (`root`: the split's image folder)."""
+    """The full cache key of zero-shot pseudo-labels (a local `pretrained` file counts by its bytes; `root` is not part of it)."""
     need = [f for f in ("model", "pretrained", "dataset", "split") if f not in key]
     if need: raise ValueError(f"pseudo-label cache key {key!r} lacks {need}; give model, pretrained, dataset and split")
     full = {**key, "template": template, "classnames": list(classnames), "k": int(k)}
-    if root is not None: full["root"] = str(Path(root).expanduser().resolve())
     p = key["pretrained"]
     if p and Path(str(p)).expanduser().is_file():
-        st = Path(str(p)).expanduser().stat()
-        full["pretrained_file"] = [st.st_size, st.st_mtime_ns]
+        f = Path(str(p)).expanduser().resolve()
+        full["pretrained"] = f"file:{file_keys(f.parent, [f.name])[0]}"   # the weights' content, wherever they are
     return full
 
 def _cache_paths(cache_dir, full: dict):
@@ -184,53 +183,65 @@ def _cache_paths(cache_dir, full: dict):
     stem = Path(cache_dir) / f"c_zs-{slug}-{_sha(full)[:16]}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
-def _load_cached(tpath: Path, jpath: Path, ids: list[str], full: dict):
-    """Cached (c_zs, topk, scores) reordered to `ids`, or None when missing, torn or stale."""
+def _load_cached(tpath: Path, jpath: Path, full: dict):
+    """A cache entry as (tensors, {content key: row}), or None when missing or torn."""
     if not (tpath.is_file() and jpath.is_file()): return None
     try:
         meta = read_json(jpath)
         with safe_open(str(tpath), framework="pt") as f:
             md = f.metadata() or {}
-            if md.get("ids_sha256") != _sha(meta["ids"]) or md.get("key_sha256") != _sha(full):
+            if md.get("content_sha256") != _sha(meta["content"]) or md.get("key_sha256") != _sha(full):
                 raise ValueError("its two files do not belong together")
             t = {k: f.get_tensor(k) for k in ("c_zs", "topk", "scores")}
+        if len(t["c_zs"]) != len(meta["content"]): raise ValueError("its rows do not match its content keys")
     except Exception as e:
         log.warning(f"pseudo-label cache {jpath} unreadable ({e}); recomputing")
         return None
-    if meta["ids"] != ids:
-        pos = {i: j for j, i in enumerate(meta["ids"])}
-        if len(pos) != len(ids) or any(i not in pos for i in ids):
-            new = sum(i not in pos for i in ids)
-            log.info(f"pseudo-label cache {jpath} is stale ({new} new images, {len(pos) - len(ids) + new} gone); recomputing")
-            return None
-        perm = torch.tensor([pos[i] for i in ids])
-        t = {k: v[perm] for k, v in t.items()}
-    return t
+    return t, {c: j for j, c in enumerate(meta["content"])}
 
 def zero_shot_pseudo_labels(model, eval_transform, tokenizer, split: Split, template: str, cache_dir, key: dict, k: int = 5,
                             batch_size: int = 256, device=None, num_workers: int = 0) -> PseudoLabels:
-    """c_zs (plus top-k classes and scores) of every image of `split` by the frozen `model`, cached on disk under `cache_dir`."""
+    """c_zs (plus top-k classes and scores) of every image of `split` by the frozen `model`, cached on disk by image content under `cache_dir`."""
     k = min(int(k), len(split.classnames))
-    full = pseudo_label_key(key, template, split.classnames, k, root=split.root)
+    full = pseudo_label_key(key, template, split.classnames, k)
     tpath, jpath = _cache_paths(cache_root() / "pseudo_labels" if cache_dir is None else cache_dir, full)
-    t = _load_cached(tpath, jpath, split.ids, full)
-    if t is not None:
-        cached = True
-        log.info(f"zero-shot pseudo-labels of {full['dataset']}/{full['split']} loaded from {tpath}")
-    else:
-        cached = False
+    content = file_keys(split.root, split.ids)
+    entry = _load_cached(tpath, jpath, full)
+    old, pos = entry if entry is not None else ({}, {})
+    rows = [pos.get(c) if c is not None else None for c in content]
+    todo = [i for i, r in enumerate(rows) if r is None]
+    n = len(split)
+    t = {"c_zs": torch.zeros(n, dtype=torch.long), "topk": torch.zeros(n, k, dtype=torch.long), "scores": torch.zeros(n, k)}
+    known = [i for i, r in enumerate(rows) if r is not None]
+    if known:
+        src, dst = torch.tensor([rows[i] for i in known]), torch.tensor(known)
+        for name in t: t[name][dst] = old[name][src].to(t[name].dtype)
+    if todo:
         W = text_classifier(model, tokenizer, split.classnames, [template], device=device).float().cpu()
-        V = encode_images(model, ImageDataset(split, eval_transform), batch_size=batch_size, num_workers=num_workers,
+        ds = ImageDataset(split.subset(todo), eval_transform)
+        V = encode_images(model, ds, batch_size=batch_size, num_workers=num_workers,
                           device=device, desc=f"c_zs {full['dataset']}/{full['split']}")
         scores, topk = (V @ W.T).topk(k, dim=1)
-        t = {"c_zs": topk[:, 0].contiguous(), "topk": topk.contiguous(), "scores": scores.contiguous()}
-        atomic_write_bytes(tpath, safetensors_bytes(t, metadata={"ids_sha256": _sha(list(split.ids)), "key_sha256": _sha(full)}))
-        atomic_write_json(jpath, {"key": full, "ids": list(split.ids), "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        dst = torch.tensor(todo)
+        t["c_zs"][dst], t["topk"][dst], t["scores"][dst] = topk[:, 0], topk, scores
+        # the entry grows by the readable new images (an unreadable one is tried again next time)
+        add = {}
+        for j, i in enumerate(todo):
+            if j not in ds.bad and content[i] is not None and content[i] not in pos: add.setdefault(content[i], i)
+        if add:
+            keys = list(pos) + list(add)
+            idx = torch.tensor(list(add.values()))
+            new = {name: torch.cat([old[name], t[name][idx]]) if old else t[name][idx].contiguous() for name in t}
+            atomic_write_bytes(tpath, safetensors_bytes(new, metadata={"content_sha256": _sha(keys), "key_sha256": _sha(full)}))
+            atomic_write_json(jpath, {"key": full, "content": keys, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=None)
+        log.info(f"zero-shot pseudo-labels of {full['dataset']}/{full['split']}: {len(known)} from {tpath}, {len(todo)} computed")
+    else:
+        log.info(f"zero-shot pseudo-labels of {full['dataset']}/{full['split']} loaded from {tpath}")
     acc = None
     if split.labels is not None:
         acc = (t["c_zs"] == torch.tensor(split.labels)).float().mean().item()
         log.info(f"c_zs accuracy on {full['dataset']}/{full['split']}: {100 * acc:.2f}% of {len(split)} images")
-    return PseudoLabels(list(split.ids), t["c_zs"], t["topk"], t["scores"], acc, cached)
+    return PseudoLabels(list(split.ids), t["c_zs"], t["topk"], t["scores"], acc, not todo)
 
 # %% ../nbs/02_clip.ipynb #3d61ee8b
 def zero_shot_eval(model, eval_transform, tokenizer, split: Split, templates, batch_size: int = 256, device=None,

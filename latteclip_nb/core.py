@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['log', 'seed_everything', 'get_device', 'atomic_write_bytes', 'atomic_write_json', 'atomic_torch_save', 'read_json',
-           'cache_root']
+           'cache_root', 'default_data_root', 'file_keys']
 
 # %% ../nbs/00_core.ipynb #47c35b18
-import json, logging, os, random, tempfile
+import hashlib, json, logging, os, random, tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,47 @@ def read_json(path):
 def cache_root() -> Path:
     """The cache folder: `$LATTECLIP_CACHE` or `~/.cache/latteclip_nb`."""
     return Path(os.environ.get("LATTECLIP_CACHE", Path.home()/".cache"/"latteclip_nb")).expanduser()
+
+# %% ../nbs/00_core.ipynb #aacc8b12
+def default_data_root() -> Path:
+    """The data root of the named datasets: `$LATTECLIP_DATA`, else `<cache>/data`."""
+    env = os.environ.get("LATTECLIP_DATA")
+    return Path(env).expanduser() if env else cache_root()/"data"
+
+# %% ../nbs/00_core.ipynb #48cd71cb
+def _file_digest(path) -> str:
+    "BLAKE2b-128 of a file's bytes, as 32 hex digits."
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20): h.update(chunk)
+    return h.hexdigest()
+
+def _hash_index_path(root: Path) -> Path:
+    return cache_root()/"file-hashes"/(hashlib.blake2b(str(root).encode(), digest_size=10).hexdigest() + ".json")
+
+def file_keys(root,              # folder the ids are relative to
+              ids,               # relative file paths
+              workers: int = 8,  # threads hashing new or changed files
+             ) -> list:
+    """The content key (BLAKE2b-128 hex of its bytes) of each file `root/id`; None where a file cannot be read."""
+    root = str(Path(root).expanduser().resolve())
+    ipath = _hash_index_path(Path(root))
+    try: index = json.loads(ipath.read_text()) if ipath.is_file() else {}
+    except (OSError, ValueError): index = {}
+    keys, todo = [None] * len(ids), []
+    for j, i in enumerate(ids):
+        try: st = os.stat(os.path.join(root, i))
+        except OSError: continue
+        sig, e = [st.st_size, st.st_mtime_ns, st.st_ino], index.get(i)
+        if e is not None and e[:3] == sig: keys[j] = e[3]
+        else: todo.append((j, i, sig))   # the signature is taken before hashing: a file changed meanwhile is rehashed next time
+    if todo:
+        def one(t):
+            try: return t, _file_digest(os.path.join(root, t[1]))
+            except OSError: return t, None
+        with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
+            for (j, i, sig), h in pool.map(one, todo):
+                if h is not None: keys[j] = h; index[i] = sig + [h]
+        try: atomic_write_json(ipath, index, indent=None)
+        except OSError as e: log.warning(f"could not save the file-hash index {ipath} ({e}); files are rehashed next time")
+    return keys

@@ -187,14 +187,14 @@ def paper_top1(run, dataset: str):
 # %% ../nbs/13_experiment.ipynb #7cf0fb2d
 def resolve_data(cfg: ExperimentConfig):
     """The dataset spec and its {"train", "test"} splits for a config."""
-    from latteclip_nb import data
+    from latteclip_nb import core, data
     if cfg.dataset == "shapes": import latteclip_nb.shapes  # registers the offline world
     folder = Path(cfg.dataset).expanduser()
     if folder.is_dir():
         dom = data.FolderDomain(folder, classes_file=cfg.classes_file or None, domain=cfg.domain, test_root=cfg.test_root or None)
         return dom.spec, dom.splits()
     spec = data.get_spec(cfg.dataset)
-    root = Path(cfg.data_root).expanduser() if cfg.data_root else cache_root()/"data"
+    root = Path(cfg.data_root).expanduser() if cfg.data_root else core.default_data_root()
     return spec, data.splits(spec.name, root, split_file=cfg.split_file or None)
 
 def resolve_model(cfg: ExperimentConfig, spec):
@@ -380,9 +380,9 @@ def _captions(cfg, spec, split, c_zs, rank, world):
     kw = dict(kinds=kinds, batch_size=cfg.caption_batch_size, seed=cfg.seed, images_per_group=cfg.images_per_group,
               groups_per_class=cfg.groups_per_class or None)
     if cfg.group_gt_correct >= 0: kw.update(group_labels=split.labels, n_correct=cfg.group_gt_correct)
-    texts = describe_dataset(spec, split, c_zs, captioner, store, shard=rank, num_shards=world, **kw)
-    _barrier()
-    if texts is None: texts = describe_dataset(spec, split, c_zs, captioner, store, shard=rank, num_shards=world, **kw)
+    # one call per rank: it captions this rank's shard, waits for the others at the barrier, then merges
+    texts = describe_dataset(spec, split, c_zs, captioner, store, shard=rank, num_shards=world,
+                             barrier=_barrier if world > 1 else None, **kw)
     return texts, captioner.model_id
 
 def _save_figures(result, history, classnames, out):

@@ -209,16 +209,37 @@ def collate_views(batch):
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long)
 
 # %% ../nbs/09_train.ipynb #5421a365
-def _tokenize(tokenizer, strings: list, chunk: int = 4096) -> torch.Tensor:
-    "Token ids of many strings, in chunks, with a progress bar when there are many."
-    parts = [tokenizer(strings[i:i + chunk]) for i in tqdm(range(0, len(strings), chunk), desc="tokenizing",
-                                                            disable=len(strings) <= chunk, leave=False)]
-    return torch.cat(parts) if parts else torch.zeros(0, 1, dtype=torch.long)
+def _reuses_bpe(tokenizer) -> bool:
+    "Whether `tokenizer` is open_clip's plain CLIP BPE tokenizer, whose ids the caption store keeps."
+    from open_clip.tokenizer import SimpleTokenizer
+    if not isinstance(tokenizer, SimpleTokenizer) or getattr(tokenizer, "reduction_fn", None) is not None: return False
+    from latteclip_nb.captions import clip_bpe
+    probe = "A Photo of 2 Dogs, CAFÉ-style: it's  striped!"
+    return tokenizer.encode(probe) == clip_bpe(probe)
+
+def _tokenize(tokenizer, strings: list, chunk: int = 4096, bpe: Optional[dict] = None) -> torch.Tensor:
+    "Token ids [U, L] (int32) of many strings: from known BPE ids (`bpe`: string -> ids) where the tokenizer allows, else by the tokenizer in chunks."
+    use = bool(bpe) and _reuses_bpe(tokenizer)
+    rest = [i for i, s in enumerate(strings) if not use or s not in bpe]
+    parts = [tokenizer([strings[j] for j in rest[i:i + chunk]]).to(torch.int32)
+             for i in tqdm(range(0, len(rest), chunk), desc="tokenizing", disable=len(rest) <= chunk, leave=False)]
+    L = parts[0].shape[1] if parts else (int(getattr(tokenizer, "context_length", 0) or 77) if use else 1)
+    out = np.zeros((len(strings), L), np.int32)
+    if use:
+        sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+        for i, s in enumerate(strings):
+            b = bpe.get(s)
+            if b is None: continue
+            row = [sot, *b[:L - 2], eot]     # open_clip: cut at L tokens, the last one replaced by the end token
+            out[i, :len(row)] = row
+    out = torch.from_numpy(out)
+    if rest: out[torch.tensor(rest)] = torch.cat(parts)
+    return out
 
 @dataclass
 class TextTable:
     """Every distinct training string once as token ids, and the row of each class, image and group text."""
-    tokens: torch.Tensor                  # [U, L] token ids of the distinct strings
+    tokens: torch.Tensor                  # [U, L] token ids (int32) of the distinct strings
     class_id: torch.Tensor                # [C] row of each class description
     image_id: Optional[torch.Tensor]      # [N] row of each image description
     group_id: Optional[torch.Tensor]      # [G] row of each group description
@@ -247,7 +268,8 @@ class TextTable:
             count = torch.bincount(label, minlength=C)
             start = torch.cumsum(count, 0) - count
             group_of = torch.as_tensor(texts.group_of, dtype=torch.long)
-        return cls(_tokenize(tokenizer, strings), class_id, image_id, group_id, group_of, order, start, count)
+        tokens = _tokenize(tokenizer, strings, bpe=getattr(texts, "bpe", None) if texts is not None else None)
+        return cls(tokens, class_id, image_id, group_id, group_of, order, start, count)
 
     def to(self, device) -> "TextTable":
         """The same table with every tensor on `device`."""

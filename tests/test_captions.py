@@ -10,6 +10,7 @@ from PIL import Image
 from latteclip_nb.captions import (CaptionStore, WorkItem, caption_work, describe_dataset, record_key, shard_file,
                                    shard_of)
 from latteclip_nb.collage import make_collage
+from latteclip_nb.core import file_keys
 from latteclip_nb.data import Split, get_spec, load_image
 
 HERE = Path(__file__).resolve().parent
@@ -207,7 +208,8 @@ def test_cli_tiny_llava_killed_and_rerun(tmp_path, tiny_llava):
     texts = json.loads((tmp_path / "texts.json").read_text())
     by_key = {(r["kind"], r["item_id"]): r["text"] for r in recs}
     ids = sorted(p.name for p in folder.glob("*.png"))
-    assert texts["image"] == [by_key[("image", i)] for i in ids]
+    assert texts["image"] == [by_key[("image", k)] for k in file_keys(folder, ids)]   # keyed by the images' bytes
+    assert not any(str(tmp_path) in json.dumps(r) for r in recs)                       # no absolute path in the store
     assert [texts["group"][g] for g in texts["group_of"]] == texts["group"] and len(texts["group_label"]) == 12
     # exactly one caption per item: the items are those of the (cached) zero-shot labels the command used
     from latteclip_nb.captions import _dataset, _zero_shot_labels, caption_parser
@@ -237,3 +239,189 @@ def test_cli_simulated_backend_on_a_shapes_world(tmp_path, monkeypatch):
     assert len(texts.image) == 16 and all(t.strip() for t in texts.image + texts.group)
     assert len(texts.group) == 2 * len(set(texts.group_label.tolist())) and texts.group_of.tolist() == [-1] * 16
     assert all("simulated" in r["model"] for r in store_lines(tmp_path / "store"))
+
+
+# ---------------------------------------------------------------- captions belong to the pixels
+
+def _store_of(tmp_path):
+    return tmp_path / "cache" / "captions" / "flowers"      # the default store: one per dataset name
+
+
+def test_two_folders_named_train_do_not_share_captions(tmp_path):
+    a, _ = tiny_split(tmp_path / "a" / "train")
+    truth = make_images(tmp_path / "b" / "train", seed=1)    # same names, other pixels
+    b = Split(tmp_path / "b" / "train", a.ids, truth, CLASSNAMES)
+    c_zs = torch.tensor([t if t != 2 or i < 6 else 0 for i, t in enumerate(truth)])
+    spec, out = get_spec("flowers"), _store_of(tmp_path)
+    describe_dataset(spec, a, c_zs, PixelCaptioner(), out)
+    cap = PixelCaptioner()
+    tb = describe_dataset(spec, b, c_zs, cap, out)
+    work = caption_work(spec, b, c_zs)
+    assert cap.seen == len(work.unique())                     # nothing of folder a was reused
+    assert (tb.image, tb.group) == expected_texts(PixelCaptioner(), b, work)
+
+
+def test_rerendered_image_gets_a_new_caption(tmp_path):
+    split, c_zs = tiny_split(tmp_path / "imgs")
+    spec, out = get_spec("dtd"), tmp_path / "store"
+    first = describe_dataset(spec, split, c_zs, PixelCaptioner(), out, kinds=("image",))
+    Image.fromarray(np.full((30, 30, 3), 7, np.uint8)).save(split.root / split.ids[3])
+    cap = PixelCaptioner()
+    again = describe_dataset(spec, split, c_zs, cap, out, kinds=("image",))
+    assert cap.seen == 1 and again.image[3] != first.image[3]
+    assert again.image == expected_texts(PixelCaptioner(), split, caption_work(spec, split, c_zs, ("image",)))[0]
+
+
+def test_unreadable_image_is_retried_once_fixed(tmp_path):
+    split, c_zs = tiny_split(tmp_path / "imgs")
+    spec, out = get_spec("dtd"), tmp_path / "store"
+    good = (split.root / split.ids[0]).read_bytes()
+    (split.root / split.ids[0]).write_bytes(b"truncated png")   # undecodable
+    (split.root / split.ids[1]).unlink()                        # missing
+    t1 = describe_dataset(spec, split, c_zs, PixelCaptioner(), out, kinds=("image",))
+    assert t1.image[:2] == ["", ""] and t1.stats["unreadable"] == 2
+    cap = PixelCaptioner()
+    assert describe_dataset(spec, split, c_zs, cap, out, kinds=("image",)).stats["unreadable"] == 2 and cap.seen == 0
+    n_lines = len(store_lines(out))                              # failing again writes nothing new
+    (split.root / split.ids[0]).write_bytes(good)
+    make_images(tmp_path / "fresh")
+    (split.root / split.ids[1]).write_bytes((tmp_path / "fresh" / split.ids[1]).read_bytes())
+    cap = PixelCaptioner()
+    t2 = describe_dataset(spec, split, c_zs, cap, out, kinds=("image",))
+    assert cap.seen == 2 and t2.stats["unreadable"] == 0 and len(store_lines(out)) == n_lines + 2
+    assert t2.image == expected_texts(PixelCaptioner(), split, caption_work(spec, split, c_zs, ("image",)))[0]
+
+
+def test_failed_item_with_same_bytes_is_retried(tmp_path):
+    split, c_zs = tiny_split(tmp_path / "imgs", n=6)
+    spec, out = get_spec("dtd"), tmp_path / "store"
+    work = caption_work(spec, split, c_zs, ("image",))
+    with CaptionStore(out, shard=0) as s:                       # a transient read error recorded last time
+        s.add([dict(kind="image", item_id=work.images[2].item_id, prompt=work.images[2].prompt, model="pixel-test",
+                    text="", error="OSError: [Errno 5] Input/output error")])
+    cap = PixelCaptioner()
+    t = describe_dataset(spec, split, c_zs, cap, out, kinds=("image",))
+    assert cap.seen == 6 and t.image[2] and t.stats["unreadable"] == 0
+    assert CaptionStore(out, shard=None).done(work.images[2].key("pixel-test"))
+
+
+def test_moving_images_and_store_keeps_every_caption(tmp_path):
+    split, c_zs = tiny_split(tmp_path / "cache" / "data" / "imgs")
+    spec = get_spec("flowers")
+    first = describe_dataset(spec, split, c_zs, PixelCaptioner(), tmp_path / "cache" / "captions")
+    (tmp_path / "cache").rename(tmp_path / "moved-cache")
+    moved = Split(tmp_path / "moved-cache" / "data" / "imgs", split.ids, split.labels, CLASSNAMES)
+    cap = PixelCaptioner()
+    again = describe_dataset(spec, moved, c_zs, cap, tmp_path / "moved-cache" / "captions")
+    assert cap.seen == 0 and (again.image, again.group) == (first.image, first.group)
+
+
+def test_one_call_per_rank_with_a_barrier(tmp_path):
+    split, c_zs = tiny_split(tmp_path / "imgs")
+    spec, out = get_spec("flowers"), tmp_path / "store"
+    import latteclip_nb.captions as C
+    calls = []
+    real = C.caption_work
+    def counting(*a, **kw): calls.append(1); return real(*a, **kw)
+    C.caption_work = counting
+    try:
+        t = describe_dataset(spec, split, c_zs, PixelCaptioner(), out, shard=0, num_shards=2,
+                             barrier=lambda: describe_dataset(spec, split, c_zs, PixelCaptioner(), out, shard=1, num_shards=2))
+    finally: C.caption_work = real
+    assert len(calls) == 2 and t is not None                   # this rank's one call, and the other rank's inside the barrier
+    assert (t.image, t.group) == expected_texts(PixelCaptioner(), split, caption_work(spec, split, c_zs))
+
+
+def test_store_keeps_bpe_ids_and_stats_do_not_retokenize(tmp_path, monkeypatch):
+    split, c_zs = tiny_split(tmp_path / "imgs")
+    spec, out = get_spec("flowers"), tmp_path / "store"
+    t = describe_dataset(spec, split, c_zs, PixelCaptioner(), out)
+    from open_clip.tokenizer import SimpleTokenizer
+    tok = SimpleTokenizer()
+    assert all(r["bpe"] == tok.encode(r["text"]) for r in store_lines(out))
+    import latteclip_nb.captions as C
+    monkeypatch.setattr(C, "clip_bpe", lambda text: (_ for _ in ()).throw(AssertionError("re-tokenized")))
+    again = describe_dataset(spec, split, c_zs, "pixel-test", out)
+    assert again.stats == t.stats and again.bpe == t.bpe and set(again.bpe) == set(t.image + t.group)
+
+
+# ---------------------------------------------------------------- errors in one line, the store intact
+
+def test_read_only_store_and_full_disk_are_one_line_and_leave_the_store_intact(tmp_path, monkeypatch):
+    import errno
+    import latteclip_nb.captions as C
+    split, c_zs = tiny_split(tmp_path / "imgs")
+    spec, out = get_spec("dtd"), tmp_path / "store"
+    describe_dataset(spec, split.subset(range(8)), c_zs[:8], PixelCaptioner(), out, kinds=("image",))
+    before = shard_file(out, 0).read_bytes()
+    real_write = os.write
+    def full(fd, data):
+        real_write(fd, bytes(data[:10])); raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(C.os, "write", full)
+    with pytest.raises(RuntimeError, match=r"^disk full while writing \d+ captions to .*captions-000.jsonl; the store is intact"):
+        describe_dataset(spec, split, c_zs, PixelCaptioner(), out, kinds=("image",))
+    monkeypatch.setattr(C.os, "write", real_write)
+    assert shard_file(out, 0).read_bytes() == before
+    real_open = os.open
+    def ro(path, *a, **kw):
+        if str(path).endswith(".jsonl"): raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(C.os, "open", ro)
+    with pytest.raises(RuntimeError, match=r"caption store .* is not writable \(Read-only file system\): pass --out"):
+        describe_dataset(spec, split, c_zs, PixelCaptioner(), out, kinds=("image",))
+    monkeypatch.setattr(C.os, "open", real_open)
+    t = describe_dataset(spec, split, c_zs, PixelCaptioner(), out, kinds=("image",))   # space again: it completes
+    assert t.image == expected_texts(PixelCaptioner(), split, caption_work(spec, split, c_zs, ("image",)))[0]
+
+
+# ---------------------------------------------------------------- the command: plan, dry run, data root
+
+def _shapes(name, n=16):
+    shapes = pytest.importorskip("latteclip_nb.shapes")
+    pytest.importorskip("latteclip_nb.clip")
+    shapes.register_shapes(name, shapes.World(seed=1, n_train=n, n_test=4))
+
+
+def _unregister(name):
+    from latteclip_nb import data
+    data.DATASETS.pop(name, None); getattr(data, "_LOADERS", {}).pop(name, None)
+
+
+def test_cli_dry_run_counts_lmm_calls_without_loading_it(tmp_path, monkeypatch, capsys):
+    import latteclip_nb.captions as C
+    name = "shapes-dry-run-test"
+    _shapes(name)
+    monkeypatch.setenv("LATTECLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(C, "build_captioner", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("LMM loaded")))
+    common = [name, "--root", str(tmp_path / "data"), "--backend", "llava", "--clip-model", "latte-tiny",
+              "--pretrained", "none", "--device", "cpu", "--cache-dir", str(tmp_path / "c_zs"), "--dry-run"]
+    try:
+        assert C.main(common) == 0
+        one = capsys.readouterr()
+        assert C.main(common + ["--groups-per-class", "1"]) == 0
+        capped = capsys.readouterr()
+    finally: _unregister(name)
+    p1, p2 = json.loads(one.out.strip().splitlines()[-1]), json.loads(capped.out.strip().splitlines()[-1])
+    assert p1["dry_run"] and p1["images"] == 16 and p1["calls"] == 16 + p1["groups"] and 0 < p1["groups"] <= 16
+    assert f"this run needs {p1['calls']} LMM calls: 16 images + {p1['groups']} groups (one group per image" in one.err
+    assert p2["groups"] <= 3 and p2["calls"] == 16 + p2["groups"] and "1 groups per class" in capped.err
+    assert not (tmp_path / "cache" / "captions").exists()
+
+
+def test_caption_and_train_agree_on_the_default_data_root(tmp_path, monkeypatch):
+    pytest.importorskip("latteclip_nb.experiment")
+    from latteclip_nb.captions import _dataset, caption_parser
+    from latteclip_nb.experiment import ExperimentConfig, resolve_data
+    name = "shapes-root-test"
+    _shapes(name, n=6)
+    monkeypatch.setenv("LATTECLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LATTECLIP_DATA", raising=False)
+    try:
+        _, split = _dataset(caption_parser().parse_args([name]))
+        _, sp = resolve_data(ExperimentConfig(dataset=name))
+        assert split.root == sp["train"].root and str(split.root).startswith(str(tmp_path / "cache" / "data"))
+        monkeypatch.setenv("LATTECLIP_DATA", str(tmp_path / "elsewhere"))
+        _, split = _dataset(caption_parser().parse_args([name]))
+        _, sp = resolve_data(ExperimentConfig(dataset=name))
+        assert split.root == sp["train"].root and str(split.root).startswith(str(tmp_path / "elsewhere"))
+    finally: _unregister(name)

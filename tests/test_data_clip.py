@@ -275,6 +275,7 @@ def test_folder_domain_register(tmp_path):
 
 # ---------------------------------------------------------------- CLIP
 from latteclip_nb import clip as C
+from latteclip_nb.core import file_keys
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +367,8 @@ def test_pseudo_label_cache(tiny, toy, tmp_path, monkeypatch, caplog):
     assert torch.allclose(pl.scores, S.sort(1, descending=True).values, atol=1e-6)
     assert pl.accuracy == pytest.approx((S.argmax(1) == torch.tensor(tr.labels)).float().mean().item())
     j = next(cache.glob("*.json")); meta = json.loads(j.read_text())
-    assert meta["ids"] == tr.ids and meta["key"]["template"] == tpl and meta["key"]["classnames"] == tr.classnames
+    assert meta["content"] == file_keys(tr.root, tr.ids) and meta["key"]["template"] == tpl and meta["key"]["classnames"] == tr.classnames
+    assert "root" not in meta["key"] and str(tr.root) not in j.read_text()                  # keyed by content, not by folder
 
     calls = []
     real = C.encode_images
@@ -376,36 +378,38 @@ def test_pseudo_label_cache(tiny, toy, tmp_path, monkeypatch, caplog):
     perm = [5, 0, 7, 1, 2, 8, 3, 4, 6, 9, 10, 11]
     re = C.zero_shot_pseudo_labels(model, eval_tf, tok, tr.subset(perm), tpl, cache, key, k=3)           # reordered: hit
     assert re.cached and not calls and torch.equal(re.c_zs, pl.c_zs[perm])
-    stale = C.zero_shot_pseudo_labels(model, eval_tf, tok, tr.subset(range(10)), tpl, cache, key, k=3)    # stale: rebuilt
-    assert not stale.cached and len(calls) == 1 and torch.equal(stale.c_zs, pl.c_zs[:10])
-    again = C.zero_shot_pseudo_labels(model, eval_tf, tok, tr.subset(range(10)), tpl, cache, key, k=3)
-    assert again.cached and len(calls) == 1
+    sub = C.zero_shot_pseudo_labels(model, eval_tf, tok, tr.subset(range(10)), tpl, cache, key, k=3)      # subset: hit
+    assert sub.cached and not calls and torch.equal(sub.c_zs, pl.c_zs[:10])
     other = C.zero_shot_pseudo_labels(model, eval_tf, tok, tr, "{} texture.", cache, {**key}, k=3)       # other template: miss
-    assert not other.cached and len(calls) == 2 and len(list(cache.glob("*.json"))) == 2
-    # a crash between the two writes of a rebuild (new tensors, old JSON) reads as a miss
-    meta = json.loads(j.read_text()); meta["ids"] = tr.ids; j.write_text(json.dumps(meta))       # tensors hold 10 rows
+    assert not other.cached and len(calls) == 1 and len(list(cache.glob("*.json"))) == 2
+    # a crash between the two writes of an update (new tensors, old JSON) reads as a miss
+    meta = json.loads(j.read_text()); meta["content"] = meta["content"][:10]; j.write_text(json.dumps(meta))
     torn = C.zero_shot_pseudo_labels(model, eval_tf, tok, tr, tpl, cache, key, k=3)
-    assert not torn.cached and torch.equal(torn.c_zs, pl.c_zs)
+    assert not torn.cached and len(calls) == 2 and torch.equal(torn.c_zs, pl.c_zs)
     # tensors of another entry under this entry's name are not trusted either
     t_new = next(p for p in cache.glob("*.safetensors") if p.stem == j.stem)
     t_new.write_bytes(next(p for p in cache.glob("*.safetensors") if p.stem != j.stem).read_bytes())
-    meta["ids"] = tr.ids; j.write_text(json.dumps(meta))
     torn = C.zero_shot_pseudo_labels(model, eval_tf, tok, tr, tpl, cache, key, k=3)
     assert not torn.cached and torch.equal(torn.c_zs, pl.c_zs)
     with pytest.raises(ValueError, match="lacks \\['split'\\]"):
         C.zero_shot_pseudo_labels(model, eval_tf, tok, tr, tpl, cache, {"model": "m", "pretrained": None, "dataset": "d"})
 
 
-def test_pseudo_label_key_tracks_checkpoint_file(tmp_path):
+def test_pseudo_label_key_tracks_checkpoint_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LATTECLIP_CACHE", str(tmp_path / "cache"))
+    key = lambda f: C.pseudo_label_key({"model": "m", "pretrained": str(f), "dataset": "d", "split": "train"}, "{}", ["a", "b"], 5)
     f = tmp_path / "w.safetensors"; f.write_bytes(b"1")
-    k1 = C.pseudo_label_key({"model": "m", "pretrained": str(f), "dataset": "d", "split": "train"}, "{}", ["a", "b"], 5)
+    k1 = key(f)
     f.write_bytes(b"22")
-    k2 = C.pseudo_label_key({"model": "m", "pretrained": str(f), "dataset": "d", "split": "train"}, "{}", ["a", "b"], 5)
-    assert k1 != k2
+    k2 = key(f)
+    assert k2 != k1                                                        # re-trained at the same path: another key
+    (tmp_path / "moved").mkdir(); f.rename(tmp_path / "moved" / "w.safetensors")
+    assert key(tmp_path / "moved" / "w.safetensors") == k2                # a moved checkpoint: the same key
+    assert str(tmp_path) not in json.dumps(k2)
 
 
-def test_pseudo_label_cache_tracks_image_folder(tiny, toy, tmp_path):
-    """Same relative ids under another folder (a re-rendered world, a second copy) are a miss, not stale labels."""
+def test_pseudo_label_cache_tracks_image_folder(tiny, toy, tmp_path, monkeypatch):
+    """Same relative ids under another folder with other pixels (a re-rendered world) are computed, not stale labels."""
     import shutil
     model, _, eval_tf, tok = tiny
     tr, tpl, cache = toy["train"], "a photo of a {}.", tmp_path / "cache"
@@ -414,9 +418,33 @@ def test_pseudo_label_cache_tracks_image_folder(tiny, toy, tmp_path):
     copy = tmp_path / "copy"; shutil.copytree(tr.root, copy)
     for p in (copy / i for i in tr.ids): Image.fromarray(255 - np.asarray(Image.open(p).convert("RGB"))).save(p)
     moved = C.zero_shot_pseudo_labels(model, eval_tf, tok, Split(copy, tr.ids, tr.labels, tr.classnames), tpl, cache, key, k=3)
-    assert not moved.cached and len(list(cache.glob("*.json"))) == 2
+    assert not moved.cached and not torch.equal(moved.scores, first.scores)
     assert C.zero_shot_pseudo_labels(model, eval_tf, tok, tr, tpl, cache, key, k=3).cached
-    assert not torch.equal(moved.scores, first.scores)
+    calls = []
+    real = C.encode_images
+    monkeypatch.setattr(C, "encode_images", lambda m, ds, **k: calls.append(len(ds)) or real(m, ds, **k))
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(copy / tr.ids[2])            # one re-rendered image
+    again = C.zero_shot_pseudo_labels(model, eval_tf, tok, Split(copy, tr.ids, tr.labels, tr.classnames), tpl, cache, key, k=3)
+    assert calls == [1] and torch.equal(again.scores[3:], moved.scores[3:])
+    moved_cache = tmp_path / "moved-cache"; shutil.move(str(cache), moved_cache)        # a moved cache folder: a hit
+    assert C.zero_shot_pseudo_labels(model, eval_tf, tok, tr, tpl, moved_cache, key, k=3).cached and calls == [1]
+
+
+def test_pseudo_label_cache_retries_an_unreadable_image(tiny, toy, tmp_path):
+    model, _, eval_tf, tok = tiny
+    import shutil
+    tpl, cache = "a photo of a {}.", tmp_path / "cache"
+    root = tmp_path / "train"; shutil.copytree(toy["train"].root, root)
+    tr = Split(root, toy["train"].ids, toy["train"].labels, toy["train"].classnames)
+    key = {"model": "latte-tiny", "pretrained": None, "dataset": "dtd", "split": "train"}
+    good = (root / tr.ids[1]).read_bytes()
+    (root / tr.ids[1]).write_bytes(b"not an image")
+    first = C.zero_shot_pseudo_labels(model, eval_tf, tok, tr, tpl, cache, key, k=3)
+    assert torch.equal(first.scores[1], torch.zeros(3))                                   # a zero embedding's label
+    (root / tr.ids[1]).write_bytes(good)                                                  # fixed
+    fixed = C.zero_shot_pseudo_labels(model, eval_tf, tok, tr, tpl, cache, key, k=3)
+    ref = C.zero_shot_pseudo_labels(model, eval_tf, tok, toy["train"], tpl, tmp_path / "ref", key, k=3)
+    assert not fixed.cached and torch.equal(fixed.c_zs, ref.c_zs) and torch.allclose(fixed.scores, ref.scores, atol=1e-6)
 
 
 def test_zero_shot_eval(tiny, toy):
