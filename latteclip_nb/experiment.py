@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['METHODS', 'CHOICES', 'FREE_FIELDS', 'PAPER_TABLE1', 'ExperimentConfig', 'config_from_params', 'paper_top1',
            'resolve_data', 'resolve_model', 'make_captioner', 'git_commit', 'config_diff', 'run_experiment',
-           'config_parser', 'main', 'run_dir', 'sweep', 'collect', 'summarize', 'markdown_table']
+           'config_parser', 'main', 'run_dir', 'sweep', 'collect', 'summarize', 'markdown_table', 'result_table']
 
 # %% ../nbs/13_experiment.ipynb #efecac59
 import argparse, dataclasses, json, os, subprocess, sys, time
@@ -527,3 +527,12 @@ def markdown_table(summary, label_col="method") -> str:
         lines.append(f"| {name} | {_num(r['mean'])}{' ± ' + std if std else ''} | {int(r['seeds'])} |"
                      + (f" {_num(r['paper'])} |" if paper else ""))
     return "\n".join(lines)
+
+# %% ../nbs/13_experiment.ipynb #7a11d0e6
+def result_table(m: dict) -> str:
+    """One run's result as a few text lines: zero-shot and method top-1, and the paper's Table 1 entry if any."""
+    rows = [("zero-shot CLIP (this run)", m.get("zeroshot_top1")), (f"{m['method']} (this run)", m.get("top1"))]
+    if m.get("paper_top1") is not None: rows.append((f"{m['method']} (paper, Table 1)", m["paper_top1"]))
+    w = max(len(name) for name, _ in rows)
+    head = f"{m['dataset']}: {m.get('n_train')} training images, {m.get('n_test')} test images, {m.get('n_classes')} classes"
+    return "\n".join([head] + [f"  {name:<{w}}  top-1 {_num(v):>6} %" for name, v in rows])
