@@ -190,3 +190,16 @@ def test_papermill_bad_parameter_stops_the_notebook(tmp_path, params, words):
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and all(w in r.stderr for w in words), r.stderr[-3000:]
     assert "Unable to parse" not in r.stderr        # the parameters cell parses without papermill warnings
+
+
+def test_cli_custom_folder_without_weights_offline_fails_at_once(world, tmp_path):
+    """A custom folder with the default (downloaded) weights, and no network: one line up front, no hub retries."""
+    from latteclip_nb.clip import _hub_reachable
+    if _hub_reachable(): pytest.skip("the Hugging Face hub is reachable from here")
+    root, env = world
+    (tmp_path / "classes.txt").write_text("banded\ndotted_lines\nzig.zag\n")
+    r = _cli(["--dataset", str(root / "data" / "dtd" / "images"), "--classes-file", str(tmp_path / "classes.txt"),
+              "--out-dir", str(tmp_path / "out"), "--num-workers", "0"], env, root)
+    err = _last_line(r)
+    assert r.returncode != 0 and "offline" in err and "pretrained=" in err and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
