@@ -28,11 +28,20 @@ nbtest: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -q tests
 
-test: sync-check nbtest pytest
+# every part runs even when an earlier one fails, so one failure does not hide the others; the summary names
+# each part's result and the target fails if any part did
+test: $(STAMP)
+	@fail=""; \
+	 $(MAKE) --no-print-directory sync-check || fail="$$fail sync-check"; \
+	 $(MAKE) --no-print-directory nbtest || fail="$$fail nbtest"; \
+	 $(MAKE) --no-print-directory pytest || fail="$$fail pytest"; \
+	 if [ -n "$$fail" ]; then echo "make test: FAILED:$$fail"; exit 1; fi; \
+	 echo "make test: sync-check, nbtest and pytest passed"
 
 demo: $(STAMP)
 	mkdir -p out
-	$(BIN)/papermill nbs/90_experiment.ipynb out/demo.ipynb -p out_dir out/demo
+	$(BIN)/papermill nbs/90_experiment.ipynb out/demo.ipynb -p out_dir out/demo --log-output --no-progress-bar
+	@$(PY) -c "import json; from latteclip_nb.experiment import result_table; print(result_table(json.load(open('out/demo/metrics.json'))))"
 	@echo "executed notebook: out/demo.ipynb   metrics and figures: out/demo/"
 
 clean:

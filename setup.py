@@ -8,9 +8,8 @@ config = ConfigParser(delimiters=["="])
 config.read("settings.ini", encoding="utf-8")
 cfg = config["DEFAULT"]
 
-licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
+licenses = {"apache2": "Apache-2.0"}   # an SPDX expression (license classifiers are deprecated)
 statuses = ["Planning", "Pre-Alpha", "Alpha", "Beta", "Production/Stable", "Mature", "Inactive"]
-lic = licenses[cfg["license"]]
 
 setuptools.setup(
     name=cfg["lib_name"],
@@ -20,18 +19,18 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     author=cfg["author"],
     author_email=cfg["author_email"],
-    license=lic[0],
+    license=licenses[cfg["license"]],
     url=cfg["git_url"],
     keywords=cfg["keywords"],
     classifiers=[
         f"Development Status :: {cfg['status']} - {statuses[int(cfg['status'])]}",
         f"Intended Audience :: {cfg['audience']}",
-        f"License :: {lic[1]}",
         f"Natural Language :: {cfg['language']}",
         "Programming Language :: Python :: 3",
     ],
-    packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]),
-    package_data={cfg["lib_path"]: ["assets/*"]},
+    # assets/ (model configs and weights) is a data-only package: listed itself, so setuptools does not warn
+    packages=setuptools.find_packages(include=[cfg["lib_path"], cfg["lib_path"] + ".*"]) + [cfg["lib_path"] + ".assets"],
+    package_data={cfg["lib_path"] + ".assets": ["*"]},
     include_package_data=True,
     install_requires=shlex.split(cfg.get("requirements", "")),
     extras_require={"dev": shlex.split(cfg.get("dev_requirements", ""))},

@@ -24,8 +24,9 @@ from .core import atomic_write_bytes, atomic_write_json, cache_root, file_keys, 
 from .data import ImageDataset, Split, collate_skip
 
 # %% auto #0
-__all__ = ['TINY_MODEL', 'make_train_transform', 'load_clip', 'save_clip_weights', 'encode_texts', 'text_classifier',
-           'encode_images', 'PseudoLabels', 'pseudo_label_key', 'zero_shot_pseudo_labels', 'zero_shot_eval']
+__all__ = ['TINY_MODEL', 'check_model', 'make_train_transform', 'load_clip', 'save_clip_weights', 'encode_texts',
+           'text_classifier', 'encode_images', 'PseudoLabels', 'pseudo_label_key', 'zero_shot_pseudo_labels',
+           'zero_shot_eval']
 
 # %% ../nbs/02_clip.ipynb #50aff8c2
 TINY_MODEL = "latte-tiny"
@@ -33,6 +34,8 @@ if TINY_MODEL not in open_clip.list_models():
     open_clip.add_model_config(Path(str(resources.files("latteclip_nb") / "assets" / f"{TINY_MODEL}.json")))
 
 # %% ../nbs/02_clip.ipynb #e3ea54c8
+import functools, socket, urllib.parse
+
 _CKPT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                "model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
 _CKPT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -59,6 +62,36 @@ def _offline_help(model, tag) -> str:
             f"set HF_HOME to it, with HF_HUB_OFFLINE=1 to skip the network), or pass pretrained='/path/to/open_clip_pytorch_model.bin' "
             f"(or a .safetensors file)")
 
+def _weights_cached(model: str, tag: str) -> bool:
+    "True when the weights of an OpenCLIP tag are already in the Hugging Face cache."
+    cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    if not cfg.get("hf_hub"): return False
+    from huggingface_hub import try_to_load_from_cache
+    repo, filename = os.path.split(cfg["hf_hub"].rstrip("/") + ("/" if cfg["hf_hub"].endswith("/") else ""))
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+
+@functools.lru_cache(maxsize=None)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    "Whether the Hugging Face hub can be reached: asked once per process (HF_HUB_OFFLINE=1 means no; a proxy means yes)."
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}: return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")): return True
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError: return False
+
+def check_model(model: str, pretrained):
+    """`pretrained` resolved as in `load_clip`, failing at once (no hub retries) when a tag needs a network there is not."""
+    if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"unknown OpenCLIP model {model!r}; e.g. 'ViT-B-32' or the tiny '{TINY_MODEL}' (open_clip.list_models() lists all)")
+    ckpt = _resolve_pretrained(model, pretrained)
+    if ckpt is not None and not Path(ckpt).is_file() and not _weights_cached(model, ckpt) and not _hub_reachable():
+        raise RuntimeError(_offline_help(model, ckpt).replace("(offline?)", "(offline: the Hugging Face hub cannot be reached "
+                                                               "and the weights are not in its cache)"))
+    return ckpt
+
 def make_train_transform(image_size, mean, std):
     """The reference augmentation: RandomResizedCrop(scale 0.9-1, bicubic), ColorJitter(.5,.5,.5,.1) p=.8, grayscale p=.2, no flip."""
     aug = AugmentationCfg(scale=(0.9, 1.0), color_jitter=(0.5, 0.5, 0.5, 0.1), color_jitter_prob=0.8, gray_scale_prob=0.2)
@@ -68,10 +101,8 @@ def make_train_transform(image_size, mean, std):
 
 def load_clip(model: str = "ViT-B-32", pretrained="laion2b_s34b_b79k", device=None):
     """(model in eval mode, train transform, eval transform, tokenizer) of an OpenCLIP `model` with `pretrained` weights."""
-    if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"unknown OpenCLIP model {model!r}; e.g. 'ViT-B-32' or the tiny '{TINY_MODEL}' (open_clip.list_models() lists all)")
+    ckpt = check_model(model, pretrained)
     device = get_device(device)
-    ckpt = _resolve_pretrained(model, pretrained)
     is_tag = ckpt is not None and not Path(ckpt).is_file()
     try:
         m, _, eval_tf = open_clip.create_model_and_transforms(model, pretrained=ckpt, device=device)

@@ -102,8 +102,16 @@ def get_spec(name) -> DatasetSpec:
     key = str(name).strip().lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key in DATASETS: return DATASETS[key]
+    if _looks_like_path(name):   # a mistyped folder is not an unknown dataset name
+        raise FileNotFoundError(f"no such folder {Path(str(name)).expanduser().absolute()}: check the path of your image folder "
+                                f"(or give a dataset name: {', '.join(DATASETS)})")
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} "
                      f"(aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())})")
+
+def _looks_like_path(name) -> bool:
+    "True for a string written as a path (a separator, ~, or a leading dot), not as a registry name."
+    s = str(name)
+    return os.sep in s or "/" in s or s.startswith(("~", "."))
 
 def register_dataset(spec: DatasetSpec, loader: Callable, overwrite: bool = False) -> DatasetSpec:
     """Add `spec` to the registry; `loader(root, **kw)` returns {'train': Split, 'test': Split} for `splits`."""
@@ -496,8 +504,15 @@ def plural(word: str) -> str:
 def read_classes_file(path) -> list[str]:
     """Class names from a text file, one per line (blank lines and '#' comments skipped)."""
     path = Path(path).expanduser()
+    if path.is_dir(): raise IsADirectoryError(f"classes file {path} is a folder: pass a text file with one class name per line")
     if not path.is_file(): raise FileNotFoundError(f"classes file {path} does not exist; write one class name per line")
-    return [l.strip() for l in path.read_text().splitlines() if l.strip() and not l.strip().startswith("#")]
+    try: text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"classes file {path} is not UTF-8 text (bad byte at offset {e.start}): save it as plain text, one class name per line") from None
+    except OSError as e: raise OSError(e.errno, f"cannot read classes file {path} ({e.strerror}): check its permissions") from None
+    names = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
+    if not names: raise ValueError(f"classes file {path} lists no class names: write one class name per line")
+    return names
 
 # %% ../nbs/01_data.ipynb #c9a23f7f
 class FolderDomain:

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'SOURCE', 'SS', 'TARGET', 'SHAPES_LR', 'WORLD_VERSION', 'SPLIT_CODES',
-           'SHAPES_SPEC', 'ASSETS', 'SHAPES_MODEL', 'SHAPES_CONFIG', 'SHAPES_CHECKPOINT', 'plural', 'position_name',
-           'Shift', 'sample_scene', 'shape_mask', 'pattern_mask', 'render', 'render_image', 'where', 'caption', 'World',
-           'world_scenes', 'save_png', 'world_dir', 'make_world', 'SimulatedDescriber', 'ShapesSpec', 'load_shapes',
-           'register_shapes', 'describer_for', 'load_shapes_clip', 'to_tensor', 'source_batch', 'zero_shot_top1',
-           'pretrain']
+           'SHAPES_SPEC', 'DESCRIBER_ERRORS', 'ASSETS', 'SHAPES_MODEL', 'SHAPES_CONFIG', 'SHAPES_CHECKPOINT', 'plural',
+           'position_name', 'Shift', 'sample_scene', 'shape_mask', 'pattern_mask', 'render', 'render_image', 'where',
+           'caption', 'World', 'world_scenes', 'save_png', 'world_dir', 'make_world', 'SimulatedDescriber',
+           'ShapesSpec', 'load_shapes', 'register_shapes', 'describer_for', 'parse_describer_errors', 'shapes_variant',
+           'load_shapes_clip', 'to_tensor', 'source_batch', 'zero_shot_top1', 'pretrain']
 
 # %% ../nbs/12_shapes.ipynb #72a6c8b8
 import hashlib, json, math, os, shutil, time
@@ -369,6 +369,29 @@ def describer_for(spec: ShapesSpec, seed: int = 0) -> "SimulatedDescriber":
     return SimulatedDescriber(q_shape=spec.q_shape, p_drop=spec.p_drop, p_colour=spec.p_colour, p_size=spec.p_size, seed=seed)
 
 SHAPES_SPEC = register_shapes()  # the default world, as dataset 'shapes'
+
+# %% ../nbs/12_shapes.ipynb #5e1a0c02
+DESCRIBER_ERRORS = ("q_shape", "p_drop", "p_colour", "p_size")
+
+def parse_describer_errors(text: str) -> dict:
+    """Error rates from 'q_shape=0.3,p_drop=0.1' ('' -> {}); each a probability of the simulated describer."""
+    out = {}
+    for part in filter(None, (p.strip() for p in str(text or "").split(","))):
+        key, eq, value = (s.strip() for s in part.partition("="))
+        if key not in DESCRIBER_ERRORS or not eq:
+            raise ValueError(f"describer_errors={text!r}: {part!r} is not name=value with a name among {', '.join(DESCRIBER_ERRORS)}")
+        try: out[key] = float(value)
+        except ValueError: raise ValueError(f"describer_errors={text!r}: {key}={value!r} is not a number") from None
+        if not 0 <= out[key] <= 1: raise ValueError(f"describer_errors={text!r}: {key}={out[key]} is not a probability in [0, 1]")
+    return out
+
+def shapes_variant(world_seed: int = 0, describer_errors: str = "") -> ShapesSpec:
+    """The shapes dataset of a world seed and describer error rates, registered; the defaults give `shapes` itself."""
+    errs = parse_describer_errors(describer_errors)
+    if int(world_seed) < 0: raise ValueError(f"world_seed={world_seed} must be >= 0")
+    if world_seed == 0 and not errs: return SHAPES_SPEC
+    name = "shapes" + (f"-world{world_seed}" if world_seed else "") + "".join(f"-{k}{errs[k]:g}" for k in DESCRIBER_ERRORS if k in errs)
+    return register_shapes(name, World(seed=int(world_seed)), **errs)
 
 # %% ../nbs/12_shapes.ipynb #ec7e716f
 import open_clip

@@ -64,7 +64,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     drop_last: bool = False        # False: an epoch is ceil(N / batch_size) steps, the last one smaller (the released code)
     max_steps: Optional[int] = None  # cap on optimizer steps; the schedule ends there
-    ckpt_every: int = 0            # checkpoint every N steps (0: at the end of every epoch)
+    ckpt_every: int = 50           # checkpoint every N optimizer steps (0: at the end of every epoch); see 'Checkpoints'
     num_workers: int = 0           # DataLoader workers
     seed: int = 0
     log_every: int = 10            # steps between progress-bar updates and steps.jsonl lines
@@ -754,25 +754,29 @@ def train(
         diff = _config_diff(saved["config"], cfg)
         if saved["n_train"] != N: diff.append(f"training images: {saved['n_train']} -> {N}")
         if diff:
-            raise ValueError(f"{ckpt} belongs to another run ({'; '.join(diff)}): use a new out_dir, or resume=False to start over")
+            raise ValueError(f"{ckpt} belongs to another run ({'; '.join(diff)}): use a new out_dir, or start over with "
+                             "resume=False (latteclip-train --no-resume)")
         trainer.load_state_dict(saved["trainer"]); set_rng_state(saved["rng"]); st = saved["state"]
         log.info(f"resuming {ckpt} at step {st['step']}/{total} (epoch {st['epoch'] + 1}, batch {st['batch']})")
         if rank == 0:
             atomic_write_bytes(steps_path, "".join(json.dumps(r) + "\n" for r in _read_jsonl(steps_path) if r["step"] <= st["step"]).encode())
     elif rank == 0:
-        for f in (metrics_path, steps_path, out_dir/"classifier"/"classifier.json"): f.unlink(missing_ok=True)
+        for f in (metrics_path, steps_path, ckpt, out_dir/"classifier"/"classifier.json"): f.unlink(missing_ok=True)
     _barrier()
 
     def save():
         if rank == 0:
-            atomic_torch_save(dict(format=1, config=asdict(cfg), n_train=N, total_steps=total, world_size=world,
-                                   state=st, trainer=trainer.state_dict(), rng=rng_state()), ckpt)
+            try: atomic_torch_save(dict(format=1, config=asdict(cfg), n_train=N, total_steps=total, world_size=world,
+                                        state=st, trainer=trainer.state_dict(), rng=rng_state()), ckpt)
+            except OSError as e:   # disk full, read-only: the previous checkpoint is intact, say so in one line
+                raise OSError(e.errno, f"{e.strerror or e}; training stopped at step {st['step']}"
+                              + (", and rerunning resumes from the previous checkpoint" if ckpt.exists() else "")) from None
         _barrier()
 
     def fail(e):
         where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
         return FloatingPointError(f"{e} (step {st['step'] + 1}): training stopped and {where}; "
-                                  "lower lr or use precision='fp32', then rerun with a new out_dir or resume=False")
+                                  f"lower lr or use precision='fp32', then rerun with a new out_dir or resume=False (latteclip-train --no-resume)")
 
     loader = DataLoader(SeededViews(split, train_transform, cfg.seed), batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)

@@ -79,3 +79,127 @@ def test_torchrun_two_processes(world):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "flyp_pl" and m["history"][-1]["step"] == 2 and 0 <= m["top1"] <= 100
+
+
+# ------------------------------------------------------------------ nothing replaced silently, mistakes in one line
+def _last_line(r):
+    return r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+
+
+def test_cli_finished_run_is_not_replaced_by_another_config(world):
+    root, env = world
+    out = root / "run-finished"
+    base = ["--dataset", "dtd", "--data-root", str(root / "data"), "--method", "zeroshot", "--out-dir", str(out), *TINY]
+    assert _cli(base, env, root).returncode == 0
+    before = (out / "metrics.json").read_bytes()
+    r = _cli(base + ["--alpha", "0.5"], env, root)                       # another config into the finished folder
+    err = _last_line(r)
+    assert r.returncode != 0 and "alpha: 0.99 -> 0.5" in err and "new out_dir" in err and "--overwrite" in err, r.stderr[-2000:]
+    assert (out / "metrics.json").read_bytes() == before
+    assert _cli(base + ["--num-workers", "1"], env, root).returncode == 0   # workers do not change the numbers: same run
+    assert (out / "metrics.json").read_bytes() == before
+    r = _cli(base + ["--alpha", "0.5", "--overwrite"], env, root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["config"]["alpha"] == 0.5
+
+
+def test_interrupted_run_with_another_config_and_no_resume(world):
+    root, env = world
+    out = root / "run-interrupted"
+    args = ["--dataset", "dtd", "--data-root", str(root / "data"), "--method", "flyp_pl", "--max-steps", "1", "--out-dir", str(out), *TINY]
+    out.mkdir()
+    cfg = ExperimentConfig(dataset="dtd", data_root=str(root / "data"), method="flyp_pl", max_steps=1, alpha=0.5, out_dir=str(out),
+                           model="latte-tiny", pretrained="none", num_workers=0, batch_size=4)
+    (out / "config.json").write_text(json.dumps(__import__("dataclasses").asdict(cfg)))   # as an interrupted alpha=0.5 run leaves it
+    (out / "train").mkdir(); (out / "train" / "checkpoint.pt").write_bytes(b"of the old run")
+    r = _cli(args, env, root)
+    err = _last_line(r)
+    assert r.returncode != 0 and "interrupted run" in err and "alpha: 0.5 -> 0.99" in err and "--no-resume" in err, r.stderr[-2000:]
+    r = _cli(args + ["--no-resume", "--ckpt-every", "1"], env, root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["alpha"] == 0.99 and m["config"]["resume"] is False and m["history"][-1]["step"] == 1
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--lr", "-1"], ["lr=-1.0", ">= 0"]),
+    (["--epochs", "0", "--max-steps", "-3"], ["max_steps=-3"]),
+    (["--dataset", "./no/such/folder"], ["no such folder", "no/such/folder"]),
+    (["--data-root", "/no/such/root"], ["data_root", "no such folder"]),
+    (["--device", "cuda:7"], ["cuda:7"]),
+])
+def test_cli_bad_config_fails_in_one_line_before_any_work(world, tmp_path, extra, words):
+    root, env = world
+    if extra[:2] == ["--device", "cuda:7"]:
+        import torch
+        if torch.cuda.device_count() > 7: pytest.skip("this machine has 8 GPUs")
+    env = {**env, "LATTECLIP_CACHE": str(tmp_path / "cache")}
+    args = ["--dataset", "dtd", "--data-root", str(root / "data"), "--out-dir", str(tmp_path / "out"), *TINY]
+    r = _cli(args + extra, env, root)
+    err = _last_line(r)
+    assert r.returncode != 0 and err.startswith("latteclip-train: error:") and all(w in err for w in words), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "cache" / "pseudo_labels").exists() and not (tmp_path / "out").exists()   # nothing was computed
+
+
+def test_cli_unreadable_classes_file_is_one_line(world, tmp_path):
+    root, env = world
+    (tmp_path / "classes.txt").write_bytes("caf\xe9\nbar\n".encode("latin-1"))
+    r = _cli(["--dataset", str(root / "data" / "dtd" / "images"), "--classes-file", str(tmp_path / "classes.txt"),
+              "--out-dir", str(tmp_path / "out"), *TINY], env, root)
+    err = _last_line(r)
+    assert r.returncode != 0 and "classes.txt" in err and "UTF-8" in err and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_cli_server_down_is_one_line(world, tmp_path):
+    """The captioner's server does not answer: the same line latteclip-caption prints, not a traceback."""
+    root, env = world
+    r = _cli(["--dataset", "dtd", "--data-root", str(root / "data"), "--captioner", "openai", "--server-url",
+              "http://127.0.0.1:9/v1", "--max-steps", "1", "--out-dir", str(tmp_path / "out"), *TINY], env, root)
+    err = _last_line(r)
+    assert r.returncode != 0 and err.startswith("latteclip-train: error:") and "127.0.0.1:9" in err, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_help_describes_every_flag():
+    r = subprocess.run([str(BIN / "latteclip-train"), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for flag in ("--resume, --no-resume", "--ckpt-every", "--overwrite", "--world-seed", "--describer-errors", "{true,false}",
+                 "{zeroshot,latteclip,flyp_pl,oracle,llava_zs,reclip}", "{exact,fast}", "--use-mixer false"):
+        assert flag in r.stdout, flag
+
+
+def test_shapes_world_variant_is_recorded(world, monkeypatch, tmp_path):
+    root, env = world
+    monkeypatch.setenv("LATTECLIP_CACHE", env["LATTECLIP_CACHE"])
+    cfg = ExperimentConfig(dataset="shapes", method="zeroshot", world_seed=1, describer_errors="q_shape=0.1", num_workers=0,
+                           out_dir=str(tmp_path / "out"))
+    assert "world_seed=1" in cfg.run_name() and "describer_errors=q_shape=0.1" in cfg.run_name()
+    m = run_experiment(cfg)
+    assert m["dataset"] == "shapes-world1-q_shape0.1" and m["world"]["seed"] == 1 and m["world"]["describer_errors"]["q_shape"] == 0.1
+    assert m["config"]["world_seed"] == 1 and 0 <= m["top1"] <= 100
+
+
+NB = Path(__file__).resolve().parents[1] / "nbs" / "90_experiment.ipynb"
+
+
+@pytest.mark.parametrize("params, words", [(["lerning_rate", "0.1"], ["unknown parameter", "lerning_rate", "valid parameters", "lr"]),
+                                           (["epochs", "abc"], ["epochs='abc'", "integer"])])
+def test_papermill_bad_parameter_stops_the_notebook(tmp_path, params, words):
+    r = subprocess.run([str(BIN / "papermill"), str(NB), str(tmp_path / "out.ipynb"), "-p", *params, "--cwd", str(NB.parent)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and all(w in r.stderr for w in words), r.stderr[-3000:]
+    assert "Unable to parse" not in r.stderr        # the parameters cell parses without papermill warnings
+
+
+def test_cli_custom_folder_without_weights_offline_fails_at_once(world, tmp_path):
+    """A custom folder with the default (downloaded) weights, and no network: one line up front, no hub retries."""
+    from latteclip_nb.clip import _hub_reachable
+    if _hub_reachable(): pytest.skip("the Hugging Face hub is reachable from here")
+    root, env = world
+    (tmp_path / "classes.txt").write_text("banded\ndotted_lines\nzig.zag\n")
+    r = _cli(["--dataset", str(root / "data" / "dtd" / "images"), "--classes-file", str(tmp_path / "classes.txt"),
+              "--out-dir", str(tmp_path / "out"), "--num-workers", "0"], env, root)
+    err = _last_line(r)
+    assert r.returncode != 0 and "offline" in err and "pretrained=" in err and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
