@@ -436,7 +436,9 @@ class OpenAICaptioner:
         if isinstance(e, self._openai.NotFoundError):
             return (f"{self.base_url} answered 404 for model {self.model_id!r}: check the served model name and that "
                     f"base_url ends with /v1 ({e}). {done}")
-        if isinstance(e, self._openai.APIStatusError) and e.status_code in (400, 422) and "add_special_tokens" in str(e):
+        said = f"{e} {getattr(e, 'body', '')} {getattr(getattr(e, 'response', None), 'text', '')}"
+        if (isinstance(e, self._openai.APIStatusError) and self.bos == "request"
+                and (e.status_code == 422 or (e.status_code == 400 and "add_special_tokens" in said))):
             return (f"{self.base_url} does not take the add_special_tokens field (bos='request'): if the server adds <s> "
                     f"itself, as `transformers serve` does, pass bos='server' ({e}). {done}")
         return f"{len(errors)} of {n} requests to {self.base_url} failed: {type(e).__name__}: {e}. {done}"
