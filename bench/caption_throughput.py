@@ -139,13 +139,13 @@ def main(argv=None):
     print(f"device={device} torch={torch.__version__} gpu={torch.cuda.get_device_name() if device.type == 'cuda' else '-'}",
           flush=True)
     if args.backend == "openai":
-        def run(url, name):
-            cap = OpenAICaptioner(url, name, max_tokens=max_new, retries=2, timeout=600)
+        def run(url, name, bos="request"):  # transformers serve adds <s> itself and rejects vLLM's add_special_tokens
+            cap = OpenAICaptioner(url, name, max_tokens=max_new, retries=2, timeout=600, bos=bos)
             for bs in batch_sizes:
                 report({"backend": "openai", "model": name, "view": "server", "batch": bs, **measure(cap, bs, args.n_batches, "cpu")})
         if args.serve_tiny:
             tiny = build_tiny_llava(work / "tiny-llava")
-            with transformers_server(tiny, device=str(device)) as url: run(url, str(tiny))
+            with transformers_server(tiny, device=str(device)) as url: run(url, str(tiny), bos="server")
         elif args.base_url and args.served_model: run(args.base_url, args.served_model)
         else: p.error("--backend openai needs --base-url and --served-model, or --serve-tiny")
         return rows

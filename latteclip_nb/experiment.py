@@ -318,11 +318,11 @@ def resolve_model(cfg: ExperimentConfig, spec):
     pretrained = cfg.pretrained or default[1]
     return cfg.model or default[0], None if pretrained.lower() == "none" else pretrained
 
-def make_captioner(cfg: ExperimentConfig, spec):
+def make_captioner(cfg: ExperimentConfig, spec, device=None):
     """The captioner a config asks for (`auto`: the simulated describer for shapes, else LLaVA or a server)."""
     from latteclip_nb.captions import build_captioner
     return build_captioner(cfg.captioner, spec, model=cfg.captioner_model, server_url=cfg.server_url,
-                           single_view=cfg.single_view, batch_size=cfg.caption_batch_size)
+                           single_view=cfg.single_view, batch_size=cfg.caption_batch_size, device=device)
 
 # %% ../nbs/13_experiment.ipynb #5b7784cf
 _TRAIN_METHODS = ("latteclip", "flyp_pl", "oracle")
@@ -392,11 +392,12 @@ def git_commit() -> str | None:
 def _init_distributed(device):
     "Join the torchrun process group when WORLD_SIZE > 1; returns (rank, world, device)."
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and torch.cuda.is_available():  # each rank on its own GPU (captioner, CLIP and every collective's tensors)
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local); device = torch.device("cuda", local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.cuda.set_device(local); device = torch.device("cuda", local)
+    if world > 1 and not dist.is_initialized():
+        # NCCL only takes CUDA tensors; gloo serves any CPU tensor a collective is handed (barriers, small counts)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
 
@@ -483,7 +484,7 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         result = zs
     elif cfg.method == "llava_zs":
         from latteclip_nb.captioners import llava_zero_shot
-        captioner = make_captioner(cfg, spec); captioner_id = captioner.model_id
+        captioner = make_captioner(cfg, spec, device); captioner_id = captioner.model_id
         result = llava_zero_shot(captioner, test_split, batch_size=cfg.caption_batch_size)
         metrics["match_rate"] = result["match_rate"]
     elif cfg.method == "reclip":
@@ -504,7 +505,7 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         metrics["c_zs_train_accuracy"] = None if pl.accuracy is None else 100 * pl.accuracy
         texts = None
         if cfg.method == "latteclip" and (cfg.use_image or cfg.use_group):
-            texts, captioner_id = _captions(cfg, spec, train_split, c_zs, rank, world)
+            texts, captioner_id = _captions(cfg, spec, train_split, c_zs, rank, world, device)
         tcfg = train_config(cfg, spec, len(train_split), model_name=arch, pretrained=str(pretrained),
                             resume=cfg.resume and not restart)
         metrics["train_config"] = asdict(tcfg)
@@ -525,10 +526,10 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     _barrier()
     return metrics
 
-def _captions(cfg, spec, split, c_zs, rank, world):
+def _captions(cfg, spec, split, c_zs, rank, world, device=None):
     "Image and group descriptions for the training split: each rank captions its shard, then all read the merged store."
     from latteclip_nb.captions import describe_dataset
-    captioner = make_captioner(cfg, spec)
+    captioner = make_captioner(cfg, spec, device)
     kinds = tuple(k for k, on in (("image", cfg.use_image), ("group", cfg.use_group)) if on)
     store = Path(cfg.captions_dir).expanduser() if cfg.captions_dir else cache_root()/"captions"/spec.name
     kw = dict(kinds=kinds, batch_size=cfg.caption_batch_size, seed=cfg.seed, images_per_group=cfg.images_per_group,

@@ -789,7 +789,7 @@ def train(
         batches = iter(loader)
         bar = tqdm(total=stop, initial=st["batch"], desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
         for b in range(st["batch"], stop):
-            micro = [_same_size(next(batches), world) for _ in range(cfg.grad_accum)]
+            micro = [_same_size(next(batches), world, device) for _ in range(cfg.grad_accum)]
             try: m = trainer.step(micro, epoch)
             except FloatingPointError as e: raise fail(e) from None
             st["step"], st["batch"] = st["step"] + 1, b + 1
@@ -834,10 +834,10 @@ def train(
     _barrier()
     return TrainResult(trainer.model, trainer.bank, classifier, st["history"], out_dir/"classifier", st["step"], out_dir)
 
-def _same_size(mb, world: int):
+def _same_size(mb, world: int, device=None):
     "Under DDP, cut every process's micro-batch to the smallest one (unreadable images make them differ)."
     if world == 1: return mb
-    n = torch.tensor([0 if mb is None else len(mb[1])])
+    n = torch.tensor([0 if mb is None else len(mb[1])], device=device)  # on the process's device: NCCL takes CUDA tensors only
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     n = int(n)
     return None if n == 0 else (mb[0][:n], mb[1][:n])

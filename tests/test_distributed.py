@@ -48,3 +48,98 @@ def test_two_ranks_match_one_process():
     assert torch.allclose(r0["loss"], full, atol=1e-6) and torch.allclose(r1["loss"], full, atol=1e-6)
     # each rank's gradient is world_size x the single-process one (DDP's gradient averaging undoes the factor)
     assert torch.allclose(torch.cat([r0["grad"], r1["grad"]]) / 2, vg.grad, atol=1e-6)
+
+
+# ------------------------------------------------------------------ torchrun on CUDA: backends and devices
+# NCCL's rule: a collective over an NCCL group takes CUDA tensors only ("No backend type associated with device type
+# cpu" otherwise). The package keeps every collective's tensor on the rank's device and creates the group with
+# "cpu:gloo,cuda:nccl", so a CPU tensor (a barrier, a small count) still has a backend.
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import latteclip_nb.experiment as E
+import latteclip_nb.train as T
+
+
+def test_init_distributed_gives_both_device_types_a_backend(monkeypatch):
+    """Defect: the group was created with "nccl" alone, so _same_size's CPU tensor had no backend on a GPU box."""
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2"); monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.setdefault("set_device", i))
+    monkeypatch.setattr(E.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(E.dist, "init_process_group", lambda backend=None, **kw: seen.setdefault("backend", backend))
+    rank, world, device = E._init_distributed(torch.device("cuda"))
+    assert seen == {"set_device": 1, "backend": "cpu:gloo,cuda:nccl"}
+    assert device == torch.device("cuda", 1)
+
+
+def test_same_size_hands_the_collective_a_tensor_on_the_process_device(monkeypatch):
+    """Defect: the micro-batch size was all-reduced as a CPU tensor whatever the process's device."""
+    seen = []
+
+    class Stop(Exception): pass
+
+    def fake_all_reduce(t, op=None):
+        seen.append(t.device); raise Stop
+    monkeypatch.setattr(T.dist, "all_reduce", fake_all_reduce)
+    with pytest.raises(Stop):
+        T._same_size((torch.zeros(3, 1), torch.zeros(3)), 2, torch.device("meta"))  # a stand-in for cuda:N
+    assert seen == [torch.device("meta")]
+
+
+def test_make_captioner_asks_for_the_rank_device(monkeypatch):
+    """Defect: every rank's in-process LLaVA landed on cuda:0 (no device was passed)."""
+    import latteclip_nb.captions as C
+    asked = []
+    monkeypatch.setattr(C, "build_captioner", lambda *a, **kw: asked.append(kw.get("device")) or "captioner")
+    for local in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2"); monkeypatch.setenv("LOCAL_RANK", str(local))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+        monkeypatch.setattr(E.dist, "is_initialized", lambda: False)
+        monkeypatch.setattr(E.dist, "init_process_group", lambda *a, **kw: None)
+        device = E._init_distributed(torch.device("cuda"))[2]
+        assert E.make_captioner(E.ExperimentConfig(dataset="shapes", captioner="llava"), None, device) == "captioner"
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+                "all_gather_object", "broadcast_object_list")
+
+
+def _recording_worker(rank, world, init_file, d):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import DDP_CFG, run
+    from latteclip_nb.train import TrainConfig
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    devices = []
+    for name in _COLLECTIVES:
+        real = getattr(dist, name)
+
+        def wrapped(*a, _real=real, **kw):
+            for x in list(a) + list(kw.values()):
+                for t in (x if isinstance(x, (list, tuple)) else [x]):
+                    if isinstance(t, torch.Tensor): devices.append(str(t.device))
+            return _real(*a, **kw)
+        setattr(dist, name, wrapped)
+    try:
+        res = run(Path(d) / "ddp", TrainConfig(method="latteclip", **DDP_CFG), Path(d) / "world", device="cpu")
+        torch.save({"devices": devices, "device": str(next(res.model.parameters()).device)}, f"{d}/rec{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_collective_tensor_is_on_the_trainer_device(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import tiny_world
+    tiny_world(tmp_path / "world")
+    mp.spawn(_recording_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        rec = torch.load(tmp_path / f"rec{r}.pt", weights_only=True)
+        assert len(rec["devices"]) > 10                 # the micro-batch sizes, prototypes, features and epoch counts
+        assert set(rec["devices"]) == {rec["device"]}
