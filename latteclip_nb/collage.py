@@ -111,14 +111,18 @@ def sample_groups_gt(
     c_zs, y = as_label_array(pseudo_labels), as_label_array(labels)
     if len(c_zs) != len(y): raise ValueError(f"{len(c_zs)} pseudo-labels but {len(y)} ground-truth labels; pass one per image")
     if not 0 <= n_correct <= k: raise ValueError(f"n_correct must be between 0 and k={k}, got {n_correct}")
-    rngs = _class_streams(np.unique(c_zs), seed, 1)
-    groups = []
-    for c in _plan(c_zs, groups_per_class):
-        right, wrong = np.flatnonzero(y == c), np.flatnonzero(y != c)
-        for pool, n, what in ((right, n_correct, "with"), (wrong, k - n_correct, "without")):
-            if n and not len(pool):
+    plan = np.asarray(_plan(c_zs, groups_per_class), dtype=np.int64)
+    classes, first = np.unique(plan, return_index=True)
+    for c in classes[np.argsort(first)]:   # the first group (in plan order) that cannot be filled names the error
+        right = int((y == c).sum())
+        for size, n, what in ((right, n_correct, "with"), (len(y) - right, k - n_correct, "without")):
+            if n and not size:
                 raise ValueError(f"no training image {what} ground-truth label {c} to fill a group of class {c}; "
                                  f"change n_correct (now {n_correct})")
-        rng = rngs[c]
-        groups.append(Group(c, _draw(rng, right, n_correct) + _draw(rng, wrong, k - n_correct)))
+    rngs, groups = _class_streams(classes, seed, 1), [None] * len(plan)
+    for c in classes:                      # pools built once per class, its groups drawn in order from its stream
+        c, rng = int(c), rngs[int(c)]
+        right, wrong = np.flatnonzero(y == c), np.flatnonzero(y != c)
+        for g in np.flatnonzero(plan == c):
+            groups[g] = Group(c, _draw(rng, right, n_correct) + _draw(rng, wrong, k - n_correct))
     return groups

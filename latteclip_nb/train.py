@@ -179,14 +179,25 @@ class EpochBatches(Sampler):
     def __len__(self): return max(0, self.stop - self.start) * self.grad_accum
 
 # %% ../nbs/09_train.ipynb #e453da71
+def _global_states():
+    "The states of torch's CPU, Python's and NumPy's global generators."
+    return torch.default_generator.get_state(), random.getstate(), np.random.get_state()
+
+def _set_global_states(states):
+    gen, py, npy = states
+    torch.default_generator.set_state(gen); random.setstate(py); np.random.set_state(npy)
+
+def _seed_globals(seed: int):
+    "Seed torch's CPU, Python's and NumPy's global generators (CUDA generators untouched)."
+    torch.default_generator.manual_seed(seed); random.seed(seed); np.random.seed(seed % 2**32)
+
 @contextlib.contextmanager
 def seeded_generators(seed: int):
     """Run a block with torch's CPU, Python's and NumPy's global generators seeded by `seed`, then restore them."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed); random.seed(seed); np.random.seed(seed % 2**32)
-        try: yield
-        finally: random.setstate(py); np.random.set_state(npy)
+    saved = _global_states()
+    _seed_globals(seed)
+    try: yield
+    finally: _set_global_states(saved)
 
 class SeededViews(Dataset):
     """Augmented views keyed by (epoch, index): the same key always gives the same view."""
@@ -196,11 +207,21 @@ class SeededViews(Dataset):
 
     def __len__(self): return len(self.images)
 
-    def __getitem__(self, key):
-        epoch, i = key
-        item = self.images[i]
-        if item is None: return None
-        with seeded_generators(seeded_int(self.seed, epoch, i, 1)): return self.transform(item[0]), i
+    def __getitem__(self, key): return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
+        """The views of a list of (epoch, index) keys (the DataLoader's batched fetch); generator states saved once."""
+        keys = [(int(e), int(i)) for e, i in keys]
+        seeds = (seeded_hash(self.seed, np.array([e for e, _ in keys], dtype=np.int64),
+                             np.array([i for _, i in keys], dtype=np.int64), 1) >> np.uint64(1)).tolist()
+        out, saved = [], _global_states()
+        try:
+            for (_, i), s in zip(keys, seeds):
+                item = self.images[i]
+                if item is None: out.append(None); continue
+                _seed_globals(s); out.append((self.transform(item[0]), i))
+        finally: _set_global_states(saved)
+        return out
 
 def collate_views(batch):
     """Stack readable (view, index) pairs; None when none of the batch could be read."""
