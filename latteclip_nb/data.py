@@ -134,7 +134,8 @@ def recipe_values(spec, recipe: str = "reference") -> dict:
     spec = get_spec(spec)
     if recipe not in RECIPES: raise ValueError(f"recipe={recipe!r}: choose one of {', '.join(RECIPES)}")
     out = dict(template=spec.template, epochs=spec.epochs, warmup_steps=spec.warmup_steps, lr=spec.lr,
-               weight_decay=spec.weight_decay, batch_size=getattr(spec, "batch_size", 512), max_steps=None, drop_last=False)
+               weight_decay=spec.weight_decay, batch_size=getattr(spec, "batch_size", 512), max_steps=None,
+               drop_last=getattr(spec, "drop_last", False))
     if recipe == "paper":
         out.update(template=PAPER_TEMPLATE, epochs=PAPER_MAX_EPOCHS, max_steps=PAPER_MAX_STEPS)
         if spec.name in BUILTIN_DATASETS: out["lr"] = PAPER_LR.get(spec.name, 1e-7)

@@ -70,7 +70,7 @@ class ExperimentConfig:
     use_ft: bool = True              # Table 3: keep L_ft
     ft_ablation: str = "drop_term"   # use_ft=False: drop_term | zero_loss (the released switch: prototype updates only)
     proto_update: str = "target"     # prototypes move to the mean of: target (tbar) | mix (a "w/o momentum" reading)
-    drop_last: bool = False          # True: floor(N / batch) steps an epoch (the last partial batch dropped)
+    drop_last: bool = False          # True: floor(N / batch) steps an epoch (the last partial batch dropped); False: the recipe's
     precision: str = "auto"          # auto (cuda: bf16 if supported, else fp16 + GradScaler) | fp32 | bf16 | fp16
     group_sampling: str = "class"    # class: a random group of the sample's c_zs | own: its own group
     text_grad: str = "exact"         # exact: gradients through all texts | fast: descriptions without gradient
@@ -326,7 +326,7 @@ def make_captioner(cfg: ExperimentConfig, spec, device=None):
 
 # %% ../nbs/13_experiment.ipynb #5b7784cf
 _TRAIN_METHODS = ("latteclip", "flyp_pl", "oracle")
-_SCHEDULE = ("epochs", "warmup_steps", "lr", "batch_size", "weight_decay", "max_steps")   # unset at their default
+_SCHEDULE = ("epochs", "warmup_steps", "lr", "batch_size", "weight_decay", "max_steps", "drop_last")   # unset at their default
 
 def recipe_spec(cfg: ExperimentConfig, spec):
     """`spec` with the class template of the config's recipe."""

@@ -341,6 +341,7 @@ class ShapesSpec(data.DatasetSpec):
     """A shapes world as a dataset: a `DatasetSpec` plus the world, the batch size and the describer's error rates."""
     world: World = World()
     batch_size: int = 128
+    drop_last: bool = True   # 12 full batches an epoch (120 steps), the schedule the recorded results used
     q_shape: float = 0.4
     p_drop: float = 0.2
     p_colour: float = 0.15

@@ -567,16 +567,9 @@ def set_rng_state(st: dict):
 
 # %% ../nbs/09_train.ipynb #0a369b55
 def _save_safetensors(tensors: dict, path: Path):
-    "safetensors file written atomically (temp file in the same folder, fsync, rename)."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb") as f: os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
+    "safetensors file written atomically (serialised in memory, then temp file, fsync, rename: a full disk raises)."
+    from safetensors.torch import save as _serialise
+    atomic_write_bytes(path, _serialise({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 WEIGHTS_FILE, OPEN_CLIP_CONFIG = "open_clip_model.safetensors", "open_clip_config.json"
 

@@ -33,3 +33,21 @@ def test_disk_full_keeps_checkpoint_and_resumes(tmp_path, monkeypatch):
     monkeypatch.undo()
     resumed = run(tmp_path / "r", cfg, tmp_path / "world")
     assert resumed.step == full.step and torch.equal(resumed.classifier, full.classifier)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_export_weights_on_a_full_disk_fail_in_one_line_and_keep_the_old_file(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from latteclip_nb.train import _save_safetensors
+    path = tmp_path / "classifier.safetensors"
+    _save_safetensors({"w": torch.arange(3.0)}, path)
+    real = tempfile.mkstemp
+    def full_disk(dir=None, prefix=None, suffix=None):   # the temp file is a link to /dev/full: writes fail with ENOSPC
+        fd, p = real(dir=dir, prefix=prefix, suffix=suffix); os.close(fd); os.unlink(p); os.symlink("/dev/full", p)
+        return os.open(p, os.O_WRONLY), p
+    monkeypatch.setattr(tempfile, "mkstemp", full_disk)
+    with pytest.raises(OSError) as e:
+        _save_safetensors({"w": torch.arange(5.0)}, path)
+    assert "no space left" in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.undo()
+    assert torch.equal(load_file(path)["w"], torch.arange(3.0)) and [p.name for p in tmp_path.iterdir()] == [path.name]
