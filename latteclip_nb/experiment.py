@@ -119,18 +119,18 @@ class ExperimentConfig:
         shapes = self.dataset == "shapes"
         if (self.world_seed or self.describer_errors) and not shapes:
             raise ValueError(f"world_seed and describer_errors describe the shapes world, not dataset={self.dataset!r}: leave them unset")
-        folder = Path(self.dataset).expanduser()
+        folder, rendered = Path(self.dataset).expanduser(), False
         if folder.is_dir():
             if self.classes_file: _need(self.classes_file, "classes_file", file=True)
             if self.test_root: _need(self.test_root, "test_root")
         else:
             from latteclip_nb.data import get_spec
             if shapes: import latteclip_nb.shapes  # registers the offline world
-            get_spec(self.dataset)   # an unknown name, or a path to no folder: one line
-            if self.data_root and not shapes: _need(self.data_root, "data_root")
+            rendered = get_spec(self.dataset).kind == "shapes"   # an unknown name, or a path to no folder: one line
+            if self.data_root and not rendered: _need(self.data_root, "data_root")   # a shapes world renders its own
             if self.split_file: _need(self.split_file, "split_file", file=True)
         from latteclip_nb.clip import check_model
-        check_model(*resolve_model(self, _Kind("shapes" if shapes else "")))   # no model is loaded, no network waited on
+        check_model(*resolve_model(self, _Kind("shapes" if rendered else "")))   # no model is loaded, no network waited on
         _need_writable(Path(self.out_dir).expanduser() if self.out_dir else Path("runs"), "out_dir")
         if self.captioner == "openai" and not self.server_url:
             raise ValueError("captioner='openai' needs server_url (e.g. http://localhost:8000/v1)")
