@@ -29,7 +29,7 @@ from transformers import (AutoConfig, BitsAndBytesConfig, CLIPImageProcessor, CL
                           LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
                           LlavaProcessor, MistralConfig, PreTrainedTokenizerFast)
 
-from .core import atomic_write_json, cache_root, get_device, log
+from .core import atomic_write_json, cache_root, file_keys, get_device, log
 from .data import load_image
 from .prompts import llava_chat, llava_zero_shot_prompt
 
@@ -274,33 +274,15 @@ def load_llava(model_id=LLAVA_MODEL, single_view=True, dtype=torch.float32, quan
 
 _MODEL_FILES = (".json", ".safetensors", ".bin", ".model")  # configs, tokenizer and weights: what changes the answers
 
-def _file_sha256(f: Path, memo: dict) -> tuple[str, bool]:
-    st = f.stat()
-    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"  # the same file, unchanged since it was hashed
-    if key in memo: return memo[key], False
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""): h.update(chunk)
-    memo[key] = h.hexdigest()
-    return memo[key], True
-
 def model_fingerprint(folder) -> str:
-    """A 12-hex content hash of a local model folder (configs, tokenizer, weights); file hashes are memoised by size+mtime."""
+    """A 12-hex content hash of a local model folder (configs, tokenizer, weights); file hashes come from `core.file_keys`."""
     folder = Path(folder).expanduser()
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_MODEL_FILES))
-    if not any(p.suffix in (".safetensors", ".bin") for p in files):
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(_MODEL_FILES))
+    if not any(f.endswith((".safetensors", ".bin")) for f in files):
         raise FileNotFoundError(f"{folder} holds no .safetensors or .bin weights: pass a saved model folder")
-    memo_path = cache_root() / "file-sha256.json"
-    try: memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
-    except (OSError, json.JSONDecodeError): memo = {}  # a damaged memo only costs a re-hash
-    h, changed = hashlib.sha256(), False
-    for p in files:
-        digest, new = _file_sha256(p, memo)
-        h.update(f"{p.name}\0{digest}\n".encode()); changed |= new
-    if changed:
-        try: atomic_write_json(memo_path, memo)
-        except OSError as e: log.warning("could not save the file-hash memo %s (%s): hashes will be recomputed", memo_path, e)
-    return h.hexdigest()[:12]
+    keys = file_keys(folder, files)   # memoised by size, mtime and inode: an unchanged folder is not read again
+    if None in keys: raise OSError(f"cannot read {folder / files[keys.index(None)]}: check its permissions")
+    return hashlib.sha256("".join(f"{f}\0{k}\n" for f, k in zip(files, keys)).encode()).hexdigest()[:12]
 
 def checkpoint_ref(model_id, commit: str | None = None, revision: str | None = None) -> str:
     """A machine-independent name for a checkpoint: `folder-name@content-hash` locally, `hub/id@commit` on the hub."""

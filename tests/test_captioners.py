@@ -1,5 +1,6 @@
 """Tests of latteclip_nb.captioners on the tiny offline LLaVA-NeXT (llava-hf's folder layout) and a live `transformers serve`."""
 import json, os, shutil, socket, subprocess, sys, time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -315,15 +316,19 @@ def test_model_id_names_content_not_path(tiny, tmp_path):
 
 
 def test_fingerprint_memo_skips_rehashing(tiny, monkeypatch):
-    import hashlib
-    import latteclip_nb.captioners as C
+    import latteclip_nb.core as core
     first = model_fingerprint(tiny)
-    memo = json.loads((C.cache_root() / "file-sha256.json").read_text())
-    assert len(memo) >= 3 and not any(str(tiny) in k for k in memo)   # keyed by inode, size and mtime, not by path
-    calls = []
-    real = hashlib.sha256
-    monkeypatch.setattr(C.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
-    assert model_fingerprint(tiny) == first and len(calls) == 1        # only the folder digest, no file re-read
+    def no_rehash(path): raise AssertionError(f"{path} is unchanged and was hashed again")
+    monkeypatch.setattr(core, "_file_digest", no_rehash)
+    assert model_fingerprint(tiny) == first                    # the unchanged folder is not read again
+    monkeypatch.undo()
+    cfg = Path(tiny) / "config.json"
+    original = cfg.read_bytes()
+    try:
+        cfg.write_bytes(original.replace(b"{", b"{ ", 1))        # other bytes, same meaning: another fingerprint
+        assert model_fingerprint(tiny) != first
+    finally: cfg.write_bytes(original)
+    assert model_fingerprint(tiny) == first
 
 
 def test_served_and_in_process_ids_differ_and_bos_is_requested(tiny):
