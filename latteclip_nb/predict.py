@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .core import cache_root, get_device, log
+from .core import default_data_root, get_device, log
 from .data import IMG_EXTENSIONS, Split, list_images, load_image
 from .evaluate import evaluate, save_results
 from .train import Classifier, load_classifier
@@ -191,10 +191,10 @@ def labeled_folder(root, classnames) -> Split:
     return Split(root, ids, labels, list(classnames))
 
 def dataset_test_split(name: str, classnames, data_root=None) -> Split:
-    """The test split of a registered dataset (data root default <cache>/data), its labels mapped onto `classnames`."""
+    """The test split of a registered dataset (data root default: `core.default_data_root()`, as latteclip-train), its labels mapped onto `classnames`."""
     from latteclip_nb import data
     if name == "shapes": import latteclip_nb.shapes  # registers the offline world
-    root = Path(data_root).expanduser() if data_root else cache_root()/"data"
+    root = Path(data_root).expanduser() if data_root else default_data_root()
     test = data.splits(name, root)["test"]
     if test is None or not test.labels: raise ValueError(f"dataset {name!r} under {root} has no labeled test split")
     m = match_classes(test.classnames, classnames, f"classes of dataset {name!r}")
