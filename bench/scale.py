@@ -183,7 +183,8 @@ def main(argv=None):
         results[n] = run_size(n, stages, args)
         print(f"N={n}: " + ", ".join(f"{k} {fmt_s(s)}" for k, (s, _) in results[n].items()), flush=True)
     cols = sorted(results)
-    names = [k for k in list(STAGES) + ["texttable, fresh strings", "knn reuse"] if any(k in results[n] for n in cols)]
+    order = [x for k in STAGES for x in ([k, "texttable, fresh strings"] if k == "texttable" else [k])] + ["knn reuse"]
+    names = [k for k in order if any(k in results[n] for n in cols)]
     head = ["stage"] + [f"N={n}" for n in cols] + ["per-item ratio"]
     rows = []
     for k in names:

@@ -12,7 +12,7 @@ def test_bench_scale_reports_every_stage(tmp_path):
     table = [l for l in out.splitlines() if l.startswith("| ")]
     assert table[0].startswith("| stage | N=60 | N=120 | N=240 | per-item ratio |")
     stages = [l.split(" | ")[0][2:] for l in table[1:]]
-    assert stages == ["caption", "rerun", "texttable", "views", "table4", "knn", "knn reuse"], stages
+    assert stages == ["caption", "rerun", "texttable", "texttable, fresh strings", "views", "table4", "knn", "knn reuse"], stages
     caption = table[1].split(" | ")
     assert all("/item" in c for c in caption[1:4]) and caption[4].rstrip(" |").endswith("x")   # measured at all three sizes
 
