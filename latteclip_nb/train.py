@@ -779,13 +779,18 @@ def train(
     _barrier()
 
     def save():
+        err = None
         if rank == 0:
             try: atomic_torch_save(dict(format=1, config=asdict(cfg), n_train=N, total_steps=total, world_size=world,
                                         state=st, trainer=trainer.state_dict(), rng=rng_state()), ckpt)
-            except OSError as e:   # disk full, read-only: the previous checkpoint is intact, say so in one line
-                raise OSError(e.errno, f"{e.strerror or e}; training stopped at step {st['step']}"
-                              + (", and rerunning resumes from the previous checkpoint" if ckpt.exists() else "")) from None
-        _barrier()
+            except OSError as e: err = e   # disk full, read-only: the previous checkpoint is intact
+        failed = err is not None
+        if world > 1:   # every rank learns of rank 0's failure (a barrier alone would leave the others waiting)
+            flag = torch.tensor([int(failed)], device=device); dist.all_reduce(flag); failed = bool(flag.item())
+        if failed:
+            why = f"{err.strerror or err}" if err is not None else "rank 0 could not write the checkpoint"
+            raise OSError(getattr(err, "errno", None), f"{why}; training stopped at step {st['step']}"
+                          + (", and rerunning resumes from the previous checkpoint" if ckpt.exists() else "")) from None
 
     def fail(e):
         where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"

@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) must agree with one process that sees the whole batch."""
-import tempfile
+import sys, tempfile, time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -143,3 +144,38 @@ def test_every_collective_tensor_is_on_the_trainer_device(tmp_path):
         rec = torch.load(tmp_path / f"rec{r}.pt", weights_only=True)
         assert len(rec["devices"]) > 10                 # the micro-batch sizes, prototypes, features and epoch counts
         assert set(rec["devices"]) == {rec["device"]}
+
+
+def _full_disk_worker(rank, world, init_file, d):
+    import errno
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import DDP_CFG, run
+    import latteclip_nb.train as T
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    def full(obj, path): raise OSError(errno.ENOSPC, f"no space left on the device writing {path}")
+    T.atomic_torch_save = full          # only rank 0 writes checkpoints: only its write fails
+    try:
+        run(Path(d) / "ddp", T.TrainConfig(method="flyp_pl", **{**DDP_CFG, "ckpt_every": 1}), Path(d) / "world", device="cpu")
+        outcome = "finished"
+    except OSError as e: outcome = str(e)
+    finally: dist.destroy_process_group()
+    Path(d, f"outcome{rank}.txt").write_text(outcome)
+
+
+def test_a_failed_checkpoint_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 cannot write its checkpoint: both ranks stop with one line (none is left waiting at a barrier)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import tiny_world
+    tiny_world(tmp_path / "world")
+    ctx = mp.start_processes(_full_disk_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 300
+    try:
+        while not ctx.join(timeout=5):
+            assert time.time() < deadline, "a rank is still waiting after rank 0's checkpoint failed"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive(): p.kill()
+    r0, r1 = (Path(tmp_path, f"outcome{r}.txt").read_text() for r in (0, 1))
+    assert "no space left" in r0 and "training stopped at step 1" in r0, r0
+    assert "rank 0 could not write the checkpoint" in r1 and "step 1" in r1, r1
