@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .core import atomic_write_json, cache_root, get_device, log, seed_everything
 
 # %% ../nbs/13_experiment.ipynb #abe0eca0
-import tempfile
+import hashlib, tempfile
 
 METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
 CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "openai", "tiny", "simulated"), group_sampling=("class", "own"),
@@ -42,10 +42,11 @@ class ExperimentConfig:
     test_root: str = ""              # custom folder: labeled test images (ImageFolder layout)
     world_seed: int = 0              # shapes: seed of the rendered world (0: the default world)
     describer_errors: str = ""       # shapes: describer error rates to change, e.g. "q_shape=0.3,p_drop=0.1"
+    class_names: str = ""            # shapes: the task's names for some classes, e.g. "diamond=lozenge,ring=annulus"
     out_dir: str = ""                # "" -> runs/<dataset>/<run name>
     captions_dir: str = ""           # caption store shared by all runs ("" -> <cache>/captions)
     model: str = ""                  # OpenCLIP architecture ("" -> ViT-B-32; shapes: latte-shapes)
-    pretrained: str = ""             # tag, file or "none" ("" -> laion2b_s34b_b79k; shapes: shipped weights)
+    pretrained: str = ""             # tag, file or "none" ("" -> laion2b_s34b_b79k; shapes: shipped weights, or rare-names)
     captioner: str = "auto"          # auto | llava | openai | tiny | simulated
     captioner_model: str = ""        # LMM id or folder ("" -> llava-hf/llava-v1.6-mistral-7b-hf)
     server_url: str = ""             # OpenAI-compatible server for captioner=openai
@@ -107,9 +108,9 @@ class ExperimentConfig:
         if not 0 < self.data_fraction <= 1: raise ValueError(f"data_fraction={self.data_fraction} must lie in (0, 1]")
         if self.method == "latteclip" and not (self.use_class or self.use_image or self.use_group):
             raise ValueError("use_class, use_image and use_group are all False: enable at least one text")
-        if self.describer_errors:
-            from latteclip_nb.shapes import parse_describer_errors
-            parse_describer_errors(self.describer_errors)
+        if self.describer_errors or self.class_names:
+            from latteclip_nb.shapes import parse_class_names, parse_describer_errors
+            parse_describer_errors(self.describer_errors); parse_class_names(self.class_names)
         return self
 
     def validate(self) -> "ExperimentConfig":
@@ -117,8 +118,8 @@ class ExperimentConfig:
         self.check()
         _check_device(self.device)
         shapes = self.dataset == "shapes"
-        if (self.world_seed or self.describer_errors) and not shapes:
-            raise ValueError(f"world_seed and describer_errors describe the shapes world, not dataset={self.dataset!r}: leave them unset")
+        if (self.world_seed or self.describer_errors or self.class_names) and not shapes:
+            raise ValueError(f"world_seed, describer_errors and class_names describe the shapes world, not dataset={self.dataset!r}: leave them unset")
         folder, rendered = Path(self.dataset).expanduser(), False
         if folder.is_dir():
             if self.classes_file: _need(self.classes_file, "classes_file", file=True)
@@ -130,7 +131,9 @@ class ExperimentConfig:
             if self.data_root and not rendered: _need(self.data_root, "data_root")   # a shapes world renders its own
             if self.split_file: _need(self.split_file, "split_file", file=True)
         from latteclip_nb.clip import check_model
-        check_model(*resolve_model(self, _Kind("shapes" if rendered else "")))   # no model is loaded, no network waited on
+        from latteclip_nb.shapes import RARE_PRETRAINED
+        if not (rendered and self.pretrained == RARE_PRETRAINED):   # that model is pretrained here on first use
+            check_model(*resolve_model(self, _Kind("shapes" if rendered else "")))   # no model is loaded, no network waited on
         _need_writable(Path(self.out_dir).expanduser() if self.out_dir else Path("runs"), "out_dir")
         if self.captioner == "openai" and not self.server_url:
             raise ValueError("captioner='openai' needs server_url (e.g. http://localhost:8000/v1)")
@@ -141,9 +144,14 @@ class ExperimentConfig:
         skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "out_dir", "captions_dir",
                 "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every"}
         default = ExperimentConfig(dataset=self.dataset, method=self.method)
-        parts = [self.method] + [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+        parts = [self.method] + [f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self)
                                  if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)]
         return "-".join(parts + ([self.tag] if self.tag else []) + [f"seed{self.seed}"]).replace("/", "_")
+
+def _short(v, n: int = 40) -> str:
+    "A field's value for a run name: as written, or when longer than `n` its start and a hash of the whole (names must fit a file name)."
+    v = str(v)
+    return v if len(v) <= n else f"{v[:16]}~{hashlib.sha256(v.encode()).hexdigest()[:8]}"
 
 _KIND_WORDS = dict(bool="true or false", int="an integer", float="a number", str="a string")
 
@@ -302,9 +310,9 @@ def resolve_data(cfg: ExperimentConfig):
     if folder.is_dir():
         dom = data.FolderDomain(folder, classes_file=cfg.classes_file or None, domain=cfg.domain, test_root=cfg.test_root or None)
         return dom.spec, dom.splits()
-    if cfg.dataset == "shapes":   # the offline world, or a variant of it (world_seed, describer_errors)
+    if cfg.dataset == "shapes":   # the offline world, or a variant of it (world_seed, describer_errors, class_names)
         from latteclip_nb.shapes import shapes_variant
-        spec = shapes_variant(cfg.world_seed, cfg.describer_errors)
+        spec = shapes_variant(cfg.world_seed, cfg.describer_errors, cfg.class_names)
     else: spec = data.get_spec(cfg.dataset)
     root = Path(cfg.data_root).expanduser() if cfg.data_root else core.default_data_root()
     return spec, data.splits(spec.name, root, split_file=cfg.split_file or None)
@@ -312,7 +320,8 @@ def resolve_data(cfg: ExperimentConfig):
 def resolve_model(cfg: ExperimentConfig, spec):
     """(architecture, pretrained) for a config: the paper's ViT-B-32 LAION-2B, or the shapes world's own model."""
     if spec.kind == "shapes":
-        from latteclip_nb.shapes import SHAPES_MODEL, SHAPES_CHECKPOINT
+        from latteclip_nb.shapes import RARE_PRETRAINED, SHAPES_MODEL, SHAPES_CHECKPOINT, rare_names_checkpoint
+        if cfg.pretrained == RARE_PRETRAINED: return cfg.model or SHAPES_MODEL, str(rare_names_checkpoint())
         default = (SHAPES_MODEL, str(SHAPES_CHECKPOINT))
     else: default = ("ViT-B-32", "laion2b_s34b_b79k")
     pretrained = cfg.pretrained or default[1]
@@ -467,6 +476,11 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     if test_split is None or not test_split.labels:
         raise ValueError(f"{spec.name}: no labeled test split to evaluate on (for a custom folder pass test_root)")
     arch, pretrained = resolve_model(cfg, spec)
+    if spec.kind == "shapes":
+        from latteclip_nb.shapes import RARE_PRETRAINED, rare_names_checkpoint
+        if cfg.pretrained == RARE_PRETRAINED:   # pretrained once into the cache, by rank 0
+            if rank == 0: rare_names_checkpoint(build=True)
+            _barrier()
     model, train_tf, eval_tf, tokenizer = load_clip(arch, pretrained, device=device)
     classnames = train_split.classnames
     class_texts = [class_description(spec, c) for c in classnames]

@@ -202,3 +202,20 @@ def test_cli_custom_folder_without_weights_offline_fails_at_once(world, tmp_path
     err = _last_line(r)
     assert r.returncode != 0 and "offline" in err and "pretrained=" in err and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_class_names_rename_the_task_and_rare_names_resolves_without_weights(world, tmp_path):
+    """--class-names renames classes as a user types it; --pretrained rare-names names a cache file and --print-config builds nothing."""
+    root, env = world
+    from latteclip_nb.shapes import SHAPES, SHAPES_CHECKPOINT
+    r = _cli(["--dataset", "shapes", "--method", "zeroshot", "--class-names", "ring=annulus,diamond=lozenge", "--pretrained",
+              str(SHAPES_CHECKPOINT), "--num-workers", "0", "--out-dir", str(tmp_path / "out")], env, root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["classnames"] == [{"ring": "annulus", "diamond": "lozenge"}.get(c, c) for c in SHAPES] and m["dataset"].startswith("shapes-names")
+    r = _cli(["--dataset", "shapes", "--pretrained", "rare-names", "--print-config"], env, root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = Path(json.loads(r.stdout)["train"]["pretrained"])
+    assert ck.name.startswith("latte-shapes-rare-") and ck.parent == Path(env["LATTECLIP_CACHE"]) / "models" and not ck.exists()
+    err = _last_line(_cli(["--dataset", "shapes", "--class-names", "ring=circle", "--out-dir", str(tmp_path / "bad")], env, root))
+    assert err.startswith("latteclip-train: error:") and "'circle'" in err and not (tmp_path / "bad").exists()
