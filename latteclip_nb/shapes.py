@@ -499,7 +499,7 @@ def pretrain(out=SHAPES_CHECKPOINT, steps: int = 1500, batch_size: int = 128, lr
 
 # %% ../nbs/12_shapes.ipynb #9a3e1c02
 RARE_PRETRAINED = "rare-names"   # `pretrained` value of the shapes world: latte-shapes pretrained with RARE_NAMES in RARE_RATE of captions
-RARE_RATE = 0.03                 # chosen once, before any method was compared: see the calibration below
+RARE_RATE = 0.0003               # chosen once, before any method was compared: see the calibration below
 
 def rare_names_checkpoint(build: bool = False, root=None, steps: int = 1500) -> Path:
     """The rare-names model's file under `root` (default <cache>/models), keyed by its recipe; `build` pretrains it if missing."""
