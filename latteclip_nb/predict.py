@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .core import default_data_root, get_device, log
+from .core import _atomic, default_data_root, get_device, log
 from .data import IMG_EXTENSIONS, Split, list_images, load_image
 from .evaluate import evaluate, save_results
 from .train import Classifier, load_classifier
@@ -91,27 +91,18 @@ def _csv_line(r: dict, k: int) -> list:
 def write_predictions(rows, out, k: int, jsonl: bool = False, overwrite: bool = False) -> dict:
     """Write prediction rows to `out` (CSV, or JSON lines; '-' is stdout), atomically; returns counts of ok and error rows."""
     counts = dict(ok=0, error=0)
-    to_stdout = str(out) == "-"
-    out = Path(out)
-    if not to_stdout:
-        if out.exists() and not overwrite: raise FileExistsError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    f = sys.stdout if to_stdout else open(tmp, "w", newline="", encoding="utf-8")
-    try:
+    def write(f):
         w = None if jsonl else csv.writer(f)
         if w: w.writerow(["path", "status", "prediction", "score"] + [f"{n}_{j}" for j in range(1, k + 1) for n in ("class", "score")] + ["reason"])
         for r in rows:
             counts[r["status"]] += 1
             if w: w.writerow(_csv_line(r, k))
             else: f.write(json.dumps(r) + "\n")
-        if not to_stdout:
-            f.flush(); os.fsync(f.fileno()); f.close()
-            os.replace(tmp, out)
-    except BaseException:
-        if not to_stdout:
-            f.close(); Path(tmp).unlink(missing_ok=True)
-        raise
+    if str(out) == "-": write(sys.stdout); return counts
+    out = Path(out)
+    if out.exists() and not overwrite: raise FileExistsError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    with _atomic(out) as tmp:   # the shared writer: temp file, fsync, rename; one line for a full or read-only disk
+        with open(tmp, "w", newline="", encoding="utf-8") as f: write(f)
     return counts
 
 # %% ../nbs/10a_predict.ipynb #a0c1e017

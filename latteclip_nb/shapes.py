@@ -490,7 +490,7 @@ def pretrain(out=SHAPES_CHECKPOINT, steps: int = 1500, batch_size: int = 128, lr
         if (step + 1) % resume_every == 0 and step + 1 < steps:
             atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, resume)
     meta = dict(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, seed=seed,
-                **({"rare_rate": rare_rate, "rare_names": json.dumps(RARE_NAMES), "seconds": round(time.perf_counter() - t0)} if rare_rate else {}))
+                seconds=round(time.perf_counter() - t0), **({"rare_rate": rare_rate, "rare_names": json.dumps(RARE_NAMES)} if rare_rate else {}))
     atomic_write_bytes(out, save({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
                                  metadata={k: str(v) for k, v in meta.items()}))
     os.chmod(out, 0o644)  # a package asset: readable by everyone
