@@ -38,7 +38,7 @@ def test_disk_full_keeps_checkpoint_and_resumes(tmp_path, monkeypatch):
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_export_weights_on_a_full_disk_fail_in_one_line_and_keep_the_old_file(tmp_path, monkeypatch):
     from safetensors.torch import load_file
-    from latteclip_nb.train import _save_safetensors
+    from latteclip_nb.checkpoints import _save_safetensors
     path = tmp_path / "classifier.safetensors"
     _save_safetensors({"w": torch.arange(3.0)}, path)
     real = tempfile.mkstemp
