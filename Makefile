@@ -41,7 +41,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	mkdir -p out
 	$(BIN)/papermill nbs/90_experiment.ipynb out/demo.ipynb -p out_dir out/demo --log-output --no-progress-bar
-	@$(PY) -c "import json; from latteclip_nb.experiment import result_table; print(result_table(json.load(open('out/demo/metrics.json'))))"
+	@$(PY) -c "import json; from latteclip_nb.sweep import result_table; print(result_table(json.load(open('out/demo/metrics.json'))))"
 	@echo "executed notebook: out/demo.ipynb   metrics and figures: out/demo/"
 
 clean:
