@@ -339,8 +339,8 @@ def test_store_keeps_bpe_ids_and_stats_do_not_retokenize(tmp_path, monkeypatch):
     from open_clip.tokenizer import SimpleTokenizer
     tok = SimpleTokenizer()
     assert all(r["bpe"] == tok.encode(r["text"]) for r in store_lines(out))
-    import latteclip_nb.captions as C
-    monkeypatch.setattr(C, "clip_bpe", lambda text: (_ for _ in ()).throw(AssertionError("re-tokenized")))
+    import latteclip_nb.captions as C, latteclip_nb.caption_store as CS
+    for m in (C, CS): monkeypatch.setattr(m, "clip_bpe", lambda text: (_ for _ in ()).throw(AssertionError("re-tokenized")))
     again = describe_dataset(spec, split, c_zs, "pixel-test", out)
     assert again.stats == t.stats and again.bpe == t.bpe and set(again.bpe) == set(t.image + t.group)
 
