@@ -192,7 +192,8 @@ def test_download_layout(tmp_path, monkeypatch):
     split.write_text(json.dumps({"train": [["c/1.jpg", 0, "a"], ["c/1.jpg", 1, "b"]], "val": [], "test": []}))
     (tmp_path / "data/food-101").mkdir(parents=True)
     (tmp_path / "data/food-101/split_zhou_Food101.json").write_text("{}")     # placed before the download: kept
-    for n in D._TORCHVISION:
+    from latteclip_nb.split_files import _TORCHVISION
+    for n in _TORCHVISION:
         d = download(n, tmp_path / "data", split_file=split if n == "eurosat" else None)
         assert d == tmp_path / "data" / get_spec(n).image_dir and (d / "c/1.jpg").is_file(), n
     assert sorted(calls) == sorted(TV_IMAGES) and not (tmp_path / "data/.download").exists()
