@@ -19,7 +19,8 @@ import hashlib, tempfile
 METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
 CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "openai", "tiny", "simulated"), group_sampling=("class", "own"),
                text_grad=("exact", "fast"), pseudo=("online", "fixed"),
-               ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"))
+               ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"),
+               mixer=("eq1", "released"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
 FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every"}
 
@@ -61,11 +62,13 @@ class ExperimentConfig:
     use_image: bool = True           # Table 2: use the image descriptions
     use_group: bool = True           # Table 2: use the group descriptions
     use_mixer: bool = True           # Table 3: weigh the texts (false: every text weighs 1)
+    mixer: str = "eq1"               # eq1 (the paper's Eq. 1) | released (the released code's mix; needs batches of the embedding width, 512 for ViT-B-32)
     use_zs: bool = True              # Table 3: keep L_zs
     use_ft: bool = True              # Table 3: keep L_ft
     ft_ablation: str = "drop_term"   # use_ft=False: drop_term | zero_loss (the released switch: prototype updates only)
     proto_update: str = "target"     # prototypes move to the mean of: target (tbar) | mix (a "w/o momentum" reading)
     drop_last: bool = False          # True: floor(N / batch) steps an epoch (the last partial batch dropped); False: the recipe's
+    released_workers: int = -1       # -1 -> the recipe's (reference: the released script's --workers, full batches; paper: 0, ceil(N / batch))
     precision: str = "auto"          # auto (cuda: bf16 if supported, else fp16 + GradScaler) | fp32 | bf16 | fp16
     group_sampling: str = "class"    # class: a random group of the sample's c_zs | own: its own group
     text_grad: str = "exact"         # exact: gradients through all texts | fast: descriptions without gradient
@@ -90,7 +93,7 @@ class ExperimentConfig:
             if not ok: raise ValueError(f"{f.name}={v!r} is not {_KIND_WORDS[kind]} (default: {f.name}={f.default!r})")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed: raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        for name, low in dict(lr=0, epochs=0, max_steps=0, batch_size=0, warmup_steps=-1, ckpt_every=0, world_seed=0, groups_per_class=0,
+        for name, low in dict(lr=0, epochs=0, max_steps=0, batch_size=0, warmup_steps=-1, ckpt_every=0, world_seed=0, groups_per_class=0, released_workers=-1,
                               num_workers=0, images_per_group=1, caption_batch_size=1, eval_batch_size=1, group_gt_correct=-1).items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}" + (" (0 takes the dataset's value)" if low == 0 and name in ("lr", "epochs", "batch_size") else ""))

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PAPER_DATASETS', 'PAPER_TABLES', 'PAPER_TABLE1', 'paper_row', 'paper_top1', 'recipe_spec', 'train_config',
-           'resolved_run']
+           'steps_rule', 'resolved_run']
 
 # %% ../nbs/13b_recipes.ipynb #eb89972a
 import dataclasses
@@ -112,7 +112,7 @@ def paper_top1(run, dataset: str):
 
 # %% ../nbs/13b_recipes.ipynb #5b7784cf
 _TRAIN_METHODS = ("latteclip", "flyp_pl", "oracle")
-_SCHEDULE = ("epochs", "warmup_steps", "lr", "batch_size", "weight_decay", "max_steps", "drop_last")   # unset at their default
+_SCHEDULE = ("epochs", "warmup_steps", "lr", "batch_size", "weight_decay", "max_steps", "drop_last", "released_workers")   # unset at their default
 
 def recipe_spec(cfg: ExperimentConfig, spec):
     """`spec` with the class template of the config's recipe."""
@@ -147,17 +147,29 @@ def _spec_and_size(cfg: ExperimentConfig):
     spec = data.get_spec(cfg.dataset)
     return spec, spec.n_train
 
+def steps_rule(n: int, t) -> str:
+    """How the steps of a run on `n` images follow from its TrainConfig `t`, as arithmetic."""
+    from latteclip_nb.train import steps_per_epoch, total_steps
+    r, B, W = ("floor" if t.drop_last else "ceil"), t.batch_size, t.released_workers
+    spe = steps_per_epoch(n, B, t.drop_last, W)
+    if W: how = f"{r}({r}({n} / {B}) / {W}) x {W} = {spe} full batches an epoch (the released loader, released_workers={W})"
+    else: how = f"{r}({n} / {B}) = {spe} batches an epoch" + (f", the last one of {n % B}" if not t.drop_last and n % B else "")
+    if t.max_steps is None: return f"{how}; {t.epochs} epochs x {spe} = {t.epochs * spe} steps"
+    return f"{how}; min({t.epochs} epochs x {spe}, max_steps {t.max_steps}) = {total_steps(t, n)} steps"
+
 def resolved_run(cfg: ExperimentConfig) -> dict:
-    """The resolved run as JSON-ready data (recipe, template, steps, train+val size, every TrainConfig field)."""
+    """The resolved run as JSON-ready data (recipe, template, steps and their arithmetic, train+val size, every TrainConfig field)."""
     from latteclip_nb.train import steps_per_epoch, total_steps
     spec, n = _spec_and_size(cfg)
     spec = recipe_spec(cfg, spec)
     arch, pretrained = resolve_model(cfg, spec)
     out = dict(recipe=cfg.recipe, dataset=spec.name, method=cfg.method, template=spec.template, n_train=n,
-               steps_per_epoch=None, total_steps=None, paper_row=list(paper_row(cfg) or ()) or None, paper_top1=paper_top1(cfg, spec.name), train=None)
+               steps_per_epoch=None, total_steps=None, steps_rule=None, paper_row=list(paper_row(cfg) or ()) or None,
+               paper_top1=paper_top1(cfg, spec.name), train=None)
     if cfg.method in _TRAIN_METHODS:
         used = n if n is None or cfg.data_fraction == 1 else max(1, round(cfg.data_fraction * n))
         tcfg = train_config(cfg, spec, used, model_name=arch, pretrained=str(pretrained))
-        if used: out.update(steps_per_epoch=steps_per_epoch(used, tcfg.batch_size, tcfg.drop_last), total_steps=total_steps(tcfg, used))
+        if used: out.update(steps_per_epoch=steps_per_epoch(used, tcfg.batch_size, tcfg.drop_last, tcfg.released_workers),
+                            total_steps=total_steps(tcfg, used), steps_rule=steps_rule(used, tcfg))
         out["train"] = asdict(tcfg)
     return out

@@ -12,11 +12,13 @@ from typing import Optional
 
 import torch
 
+from .mixer import MIXERS
+
 # %% ../nbs/09a_run_config.ipynb #76932126
 METHODS = ("latteclip", "flyp_pl", "oracle")
 _CHOICES = dict(method=METHODS, group_sampling=("class", "own"), text_grad=("exact", "fast"),
                 pseudo=("online", "fixed"), precision=("auto", "fp32", "bf16", "fp16"),
-                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"))
+                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), mixer=MIXERS)
 # fields that do not change the numbers: a checkpoint written under other values still resumes
 _FREE_FIELDS = {"ckpt_every", "num_workers", "log_every", "resume", "keep_checkpoint", "model_name", "pretrained"}
 
@@ -35,6 +37,7 @@ class TrainConfig:
     use_image: bool = True
     use_group: bool = True
     use_mixer: bool = True         # Table 3: False -> every enabled text weighs 1
+    mixer: str = "eq1"             # eq1 (the paper's Eq. 1) | released (the released code's mix: needs batch_size / (grad_accum x processes) == D)
     use_zs: bool = True            # Table 3: keep L_zs
     use_ft: bool = True            # Table 3: keep L_ft
     ft_ablation: str = "drop_term" # use_ft=False: drop_term (L = L_zs) | zero_loss (the released switch: L = 0, prototypes still move)
@@ -45,7 +48,8 @@ class TrainConfig:
     precision: str = "auto"        # auto (cuda: bf16 if supported, else fp16 + GradScaler; else fp32) | fp32 | bf16 | fp16
     grad_accum: int = 1            # micro-batches per optimizer step
     grad_checkpointing: bool = False
-    drop_last: bool = False        # False: an epoch is ceil(N / batch_size) steps, the last one smaller (the released code)
+    drop_last: bool = False        # False: ceil(N / batch_size) steps an epoch, the last batch smaller; True: floor
+    released_workers: int = 0      # W > 0: the released loader, ceil(ceil(N / batch_size) / W) x W full batches an epoch (floor with drop_last)
     max_steps: Optional[int] = None  # cap on optimizer steps; the schedule ends there
     ckpt_every: int = 50           # checkpoint every N optimizer steps (0: at the end of every epoch); see 'Checkpoints'
     num_workers: int = 0           # DataLoader workers
@@ -68,7 +72,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         if not self.lr > 0: raise ValueError(f"TrainConfig.lr={self.lr} must be > 0")
-        if self.warmup_steps < 0 or self.ckpt_every < 0: raise ValueError("warmup_steps and ckpt_every must be >= 0")
+        if self.warmup_steps < 0 or self.ckpt_every < 0 or self.released_workers < 0:
+            raise ValueError("warmup_steps, ckpt_every and released_workers must be >= 0")
         if self.max_steps is not None and self.max_steps < 1: raise ValueError(f"max_steps={self.max_steps}: use None (no cap) or >= 1")
         for name in ("alpha", "momentum"):
             if not 0 <= getattr(self, name) <= 1: raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must lie in [0, 1]")

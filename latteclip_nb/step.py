@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from .core import get_device
 from .loss import contrastive_loss, latte_loss
-from .mixer import blend, margin_weights, mix_features
+from .mixer import MIXERS, blend, margin_weights, mix_features, released_mix
 from .prototypes import PrototypeBank
 from .run_config import TrainConfig, make_optimizer
 from .text_table import TextTable, encode_tokens
@@ -32,14 +32,17 @@ def latte_targets(
     alpha: float = 0.99,
     use_mixer: bool = True,
     return_mix: bool = False,  # also return the mixes (mix_zs, mix_ft) before the blend
+    mixer: str = "eq1",        # eq1 (the paper's Eq. 1) | released (the released code's mix; needs B == D)
 ) -> tuple:                    # (tbar_zs, tbar_ft), each [B, D] (then mix_zs, mix_ft with return_mix)
     """The blended training targets of both pseudo-labels (Eq. 1 weights, weighted mean, Eq. 2 blend)."""
-    out, mixes = [], []
-    for f_class, p in ((f_class_zs, p_zs), (f_class_ft, p_ft)):
+    if mixer not in MIXERS: raise ValueError(f"mixer={mixer!r}: choose one of {', '.join(MIXERS)}")
+    branches = []
+    for f_class in (f_class_zs, f_class_ft):
         feats = torch.stack([f_class, f_image, f_group], dim=1)
-        w = (margin_weights(feats, snapshot) if use_mixer else torch.ones_like(enabled)) * enabled
-        mixes.append(mix_features(feats, w))
-        out.append(blend(mixes[-1], p, alpha))
+        branches.append((feats, (margin_weights(feats, snapshot) if use_mixer else torch.ones_like(enabled)) * enabled))
+    w_class_ft = branches[1][1][:, 0]   # the released numerators both use the fine-tune label's class weight
+    mixes = [mix_features(f, w) if mixer == "eq1" else released_mix(f, w, w_class_ft) for f, w in branches]
+    out = [blend(m, p, alpha) for m, p in zip(mixes, (p_zs, p_ft))]
     return tuple(out + mixes) if return_mix else tuple(out)
 
 # %% ../nbs/09d_step.ipynb #e30d7365
@@ -149,7 +152,7 @@ class Trainer:
         P = self.bank.prototypes
         tbar_zs, tbar_ft, mix_zs, mix_ft = latte_targets(
             feats.get("class_zs", zero), feats.get("class_ft", zero), feats.get("image", zero), feats.get("group", zero),
-            self.snapshot, P[c_zs], P[c_ft], enabled, cfg.alpha, cfg.use_mixer, return_mix=True)
+            self.snapshot, P[c_zs], P[c_ft], enabled, cfg.alpha, cfg.use_mixer, return_mix=True, mixer=cfg.mixer)
         zero_loss = not cfg.use_ft and cfg.ft_ablation == "zero_loss"
         loss = latte_loss(v, tbar_zs, tbar_ft, scale.float(), cfg.use_zs or zero_loss, cfg.use_ft)
         if zero_loss: loss = loss * 0.0   # the released "w/o L_ft" switch: no gradient at all, the prototypes still move

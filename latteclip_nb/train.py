@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TrainResult', 'train']
 
-# %% ../nbs/09f_train.ipynb #f2772614
+# %% ../nbs/09f_train.ipynb #58522560
 import json, os, time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +28,7 @@ from .checkpoints import *
 from .run_config import _FREE_FIELDS
 from .checkpoints import _weights_file
 
+
 # %% ../nbs/09f_train.ipynb #4257a107
 @dataclass
 class TrainResult:
@@ -42,8 +43,20 @@ class TrainResult:
 
 def _config_diff(saved: dict, cfg: TrainConfig) -> list:
     "Fields (other than the free ones) whose value differs between a saved config and `cfg`."
-    now = asdict(cfg)
-    return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in _FREE_FIELDS and saved.get(k) != now[k]]
+    now, default = asdict(cfg), {f.name: f.default for f in fields(TrainConfig)}   # fields newer than the saved run
+    return [f"{k}: {saved.get(k, default[k])!r} -> {now[k]!r}" for k in now
+            if k not in _FREE_FIELDS and saved.get(k, default[k]) != now[k]]
+
+def _check_released_mixer(cfg: TrainConfig, n: int, dim: int, world: int = 1):
+    "Raise a one-line ValueError when mixer='released' would meet a batch the released code could not run."
+    micro = cfg.batch_size // (cfg.grad_accum * world)
+    if micro != dim:
+        raise ValueError(f"mixer='released' needs batches of the embedding width D={dim} per process and micro-batch (the released code "
+                         f"multiplies a [B] weight into [B, D] features), got batch_size={cfg.batch_size} / (grad_accum={cfg.grad_accum} "
+                         f"x {world} processes) = {micro}: set batch_size={dim * cfg.grad_accum * world} or use mixer='eq1'")
+    if not (cfg.released_workers or cfg.drop_last or n % cfg.batch_size == 0):
+        raise ValueError(f"mixer='released' needs every batch full, but {n} images at batch_size={cfg.batch_size} leave a last batch "
+                         f"of {n % cfg.batch_size}: set released_workers (the released loader; the reference recipe does) or drop_last=True")
 
 def _read_jsonl(path: Path) -> list:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
@@ -124,7 +137,9 @@ def train(
     if cfg.model_name is None: cfg = replace(cfg, model_name=getattr(model, "model_name", None))
     if cfg.resume and _finished(out_dir, cfg, N): return _load_finished(model, out_dir, cfg, device)
     seed_everything(cfg.seed)
-    sampler = EpochBatches(N, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.drop_last, rank, world)
+    if cfg.method == "latteclip" and cfg.mixer == "released":
+        _check_released_mixer(cfg, N, getattr(model.visual, "output_dim", None) or model.text_projection.shape[-1], world)
+    sampler = EpochBatches(N, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.drop_last, rank, world, cfg.released_workers)
     spe = sampler.steps_per_epoch
     total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe, cfg.max_steps)
     trainer = Trainer(model, tokenizer, class_texts, cfg, total, c_zs, texts, labels, device)

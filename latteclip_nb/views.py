@@ -38,24 +38,26 @@ def seeded_int(*keys) -> int:
     return int(seeded_hash(*keys) >> np.uint64(1))
 
 # %% ../nbs/09b_views.ipynb #4b217cd5
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """Optimizer steps in an epoch of `n` images: ceil(n / batch_size), or floor with `drop_last`."""
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False, workers: int = 0) -> int:
+    """Optimizer steps in an epoch of `n` images: ceil(n / batch_size) (floor with `drop_last`), rounded to a multiple of `workers` if > 0."""
+    div = (lambda a, b: a // b) if drop_last else (lambda a, b: -(-a // b))
+    steps = div(n, batch_size)
+    return div(steps, workers) * workers if workers else steps
 
 def total_steps(cfg: TrainConfig, n: int) -> int:
     """Optimizer steps of a whole run on `n` images: epochs x steps per epoch, capped by `max_steps`."""
-    total = cfg.epochs * steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
+    total = cfg.epochs * steps_per_epoch(n, cfg.batch_size, cfg.drop_last, cfg.released_workers)
     return total if cfg.max_steps is None else min(total, cfg.max_steps)
 
 class EpochBatches(Sampler):
-    """This process's micro-batches of one epoch as (epoch, index) keys: seeded order, global batches, micro-batches, shards."""
+    """This process's micro-batches of one epoch as (epoch, index[, round]) keys: seeded order, global batches, micro-batches, shards."""
     def __init__(self, n: int, batch_size: int, grad_accum: int = 1, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, workers: int = 0):
         if batch_size % (grad_accum * world):
             raise ValueError(f"batch_size={batch_size} must be divisible by grad_accum x processes = {grad_accum} x {world}")
         self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
-        self.drop_last, self.rank, self.world = drop_last, rank, world
-        self.steps_per_epoch = steps_per_epoch(n, batch_size, drop_last)
+        self.drop_last, self.rank, self.world, self.workers = drop_last, rank, world, workers
+        self.steps_per_epoch = steps_per_epoch(n, batch_size, drop_last, workers)
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size={batch_size} is larger than the {n} training images: lower batch_size or keep the last batch (drop_last=False)")
         self.set_epoch(0)
@@ -65,18 +67,28 @@ class EpochBatches(Sampler):
         self.epoch, self.start = epoch, start
         self.stop = self.steps_per_epoch if stop is None else stop
 
-    def global_batches(self, epoch: int) -> list:
-        """The epoch's global batches (LongTensors of dataset indices)."""
-        g = torch.Generator().manual_seed(seeded_int(self.seed, epoch))
-        return list(torch.randperm(self.n, generator=g).split(self.batch_size))[:self.steps_per_epoch]
+    def draws(self, epoch: int) -> tuple:
+        """(dataset indices, draw rounds) of the epoch in order: its permutation, then fresh ones until its batches are full."""
+        need = self.steps_per_epoch * self.batch_size if self.workers else self.n
+        perms = [torch.randperm(self.n, generator=torch.Generator().manual_seed(seeded_int(self.seed, epoch, *([r] if r else []))))
+                 for r in range(max(1, -(-need // self.n)))]
+        idx = torch.cat(perms)[:need]
+        return idx, torch.arange(len(idx)) // self.n
+
+    def global_batches(self, epoch: int, rounds: bool = False) -> list:
+        """The epoch's global batches (LongTensors of dataset indices; with `rounds`, (indices, rounds) pairs)."""
+        idx, r = self.draws(epoch)
+        out = list(zip(idx.split(self.batch_size), r.split(self.batch_size)))[:self.steps_per_epoch]
+        return out if rounds else [b for b, _ in out]
 
     def local(self, batch: torch.Tensor) -> list:
         """This process's shard of each micro-batch of one global batch."""
         return [m.tensor_split(self.world)[self.rank] for m in batch.tensor_split(self.grad_accum)]
 
     def __iter__(self):
-        for batch in self.global_batches(self.epoch)[self.start:self.stop]:
-            for shard in self.local(batch): yield [(self.epoch, i) for i in shard.tolist()]
+        for batch, rounds in self.global_batches(self.epoch, rounds=True)[self.start:self.stop]:
+            for shard, r in zip(self.local(batch), self.local(rounds)):
+                yield [(self.epoch, i, k) if k else (self.epoch, i) for i, k in zip(shard.tolist(), r.tolist())]
 
     def __len__(self): return max(0, self.stop - self.start) * self.grad_accum
 
@@ -112,13 +124,15 @@ class SeededViews(Dataset):
     def __getitem__(self, key): return self.__getitems__([key])[0]
 
     def __getitems__(self, keys):
-        """The views of a list of (epoch, index) keys (the DataLoader's batched fetch); generator states saved once."""
-        keys = [(int(e), int(i)) for e, i in keys]
-        seeds = (seeded_hash(self.seed, np.array([e for e, _ in keys], dtype=np.int64),
-                             np.array([i for _, i in keys], dtype=np.int64), 1) >> np.uint64(1)).tolist()
+        """The views of a list of (epoch, index[, round]) keys (the DataLoader's batched fetch); generator states saved once."""
+        keys = [(int(k[0]), int(k[1]), int(k[2]) if len(k) > 2 else 0) for k in keys]
+        E, I, R = (np.array(col, dtype=np.int64).reshape(-1) for col in zip(*keys)) if keys else [np.zeros(0, np.int64)] * 3
+        h = seeded_hash(self.seed, E, I, 1)
+        if (R > 0).any(): h = np.where(R > 0, seeded_hash(self.seed, E, I, 1, R), h)   # a repeated draw: a fresh view
+        seeds = (h >> np.uint64(1)).tolist()
         out, saved = [], _global_states()
         try:
-            for (_, i), s in zip(keys, seeds):
+            for (_, i, _), s in zip(keys, seeds):
                 item = self.images[i]
                 if item is None: out.append(None); continue
                 _seed_globals(s); out.append((self.transform(item[0]), i))
