@@ -36,8 +36,9 @@ def _init_distributed(device):
     "Join the torchrun process group when WORLD_SIZE > 1; returns (rank, world, device)."
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and torch.cuda.is_available():  # each rank on its own GPU (captioner, CLIP and every collective's tensors)
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local); device = torch.device("cuda", local)
+        from latteclip_nb.train import rank_device   # an explicit device (cpu, cuda:1) is kept
+        device = rank_device(device, int(os.environ.get("RANK", "0")), world)
+        if device.type == "cuda": torch.cuda.set_device(device.index)
     if world > 1 and not dist.is_initialized():
         # NCCL only takes CUDA tensors; gloo serves any CPU tensor a collective is handed (barriers, small counts)
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
@@ -90,11 +91,29 @@ def _previous_run(out: Path, cfg: ExperimentConfig, overwrite: bool, rank: int):
 
 def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     """Run one experiment end to end and return (and write) its metrics."""
-    from latteclip_nb.clip import load_clip, text_classifier, zero_shot_pseudo_labels
-    from latteclip_nb.prompts import class_description
     t0 = time.time()
     cfg.validate()   # every mistake that can be seen now is reported now, before any model is loaded
+    if cfg.deterministic:   # before any CUDA work: cuBLAS reads its workspace setting once
+        from latteclip_nb.train import set_deterministic
+        set_deterministic()
+    owned = not (dist.is_available() and dist.is_initialized())   # the group this call creates, it also ends
     rank, world, device = _init_distributed(get_device(cfg.device or None))
+    if world > 1 and cfg.method not in _TRAIN_METHODS:
+        # zeroshot, llava_zs and reclip are one process's work: rank 0 runs it alone, without a group; the others leave
+        if not owned: raise ValueError(f"method={cfg.method!r} runs in one process: call run_experiment outside a process group")
+        dist.destroy_process_group()
+        if rank != 0: return {}
+        world = 1
+    try: return _run(cfg, overwrite, rank, world, device, t0)
+    finally:
+        if owned and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+
+def _run(cfg, overwrite, rank, world, device, t0):
+    "run_experiment's body, inside the process group (if any)."
+    from latteclip_nb.clip import load_clip, text_classifier, zero_shot_pseudo_labels
+    from latteclip_nb.prompts import class_description
+    from latteclip_nb.train import loader_workers
+    workers = loader_workers(cfg.num_workers, world)   # -1: this rank's share of the cores
     seed_everything(cfg.seed)
     spec, sp = resolve_data(cfg)
     spec = recipe_spec(cfg, spec)   # the recipe's class template, for c_zs, the prototypes and the zero-shot baseline
@@ -125,7 +144,7 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         metrics["world"] = dict(seed=spec.world.seed, key=spec.world.key(), describer_errors={k: getattr(spec, k) for k in DESCRIBER_ERRORS})
     from latteclip_nb.evaluate import accuracy_report, evaluate
     zs = evaluate(model, eval_tf, test_split, text_classifier(model, tokenizer, classnames, [spec.template], device=device),
-                  batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers)
+                  batch_size=cfg.eval_batch_size, device=device, num_workers=workers, shard=world > 1)
     metrics["zeroshot_top1"] = _pct(zs["top1"])
     history, captioner_id = None, None
     if cfg.method == "zeroshot":
@@ -138,7 +157,7 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     elif cfg.method == "reclip":
         from latteclip_nb.reclip import ReclipConfig, run_reclip, reclip_templates
         result = run_reclip(model, tokenizer, train_tf, eval_tf, train_split, test_split, classnames, reclip_templates(spec),
-                            ReclipConfig(seed=cfg.seed, max_steps=cfg.max_steps or None, num_workers=cfg.num_workers,
+                            ReclipConfig(seed=cfg.seed, max_steps=cfg.max_steps or None, num_workers=workers,
                                          out_dir=str(out/"reclip")), device=device)
         history = result.get("history")
     else:
@@ -160,9 +179,9 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         res = train(model, tokenizer, train_tf, train_split, class_texts, tcfg, out/"train", c_zs=c_zs, texts=texts,
                     labels=train_split.labels, device=device)
         history = res.history
-        if rank != 0: _barrier(); return {}
         result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
-                          num_workers=cfg.num_workers)
+                          num_workers=workers, shard=world > 1)   # every rank encodes its share of the test set
+        if rank != 0: _barrier(); return {}   # only rank 0 writes
         metrics["classifier_path"] = str(res.classifier_path) if res.classifier_path else None
     if "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
         result = {**result, **accuracy_report(result["preds"], test_split.labels, len(classnames))}
@@ -219,13 +238,14 @@ def config_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per ExperimentConfig field, each with a one-line description."""
     p = argparse.ArgumentParser(
         prog="latteclip-train", description="Run one LatteCLIP experiment (or a baseline) and write its metrics.json. "
-        "Booleans are written --use-mixer false / --use-mixer true (also 0/1, no/yes); --resume/--no-resume take no value.")
+        "Booleans are written --use-mixer false / --use-mixer true (also 0/1, no/yes); --resume/--no-resume and "
+        "--deterministic/--no-deterministic take no value.")
     notes = _field_help()
     for f in dataclasses.fields(ExperimentConfig):
         flag, kind, note = "--" + f.name.replace("_", "-"), _kind(f), notes.get(f.name, "")
-        if f.name == "resume":
+        if f.name in ("resume", "deterministic"):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f"{note} (default: --resume)")
+                           help=f"{note} (default: {flag if f.default else '--no-' + flag[2:]})")
             continue
         kw = dict(dest=f.name, default=f.default, type={"bool": _parse_bool, "int": int, "float": float}.get(kind, str))
         if f.name in CHOICES: kw["choices"] = CHOICES[f.name]

@@ -22,7 +22,8 @@ CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto",
                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"),
                mixer=("eq1", "released"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
-FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every"}
+FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every",
+               "deterministic"}
 
 @dataclass
 class ExperimentConfig:
@@ -70,6 +71,7 @@ class ExperimentConfig:
     drop_last: bool = False          # True: floor(N / batch) steps an epoch (the last partial batch dropped); False: the recipe's
     released_workers: int = -1       # -1 -> the recipe's (reference: the released script's --workers, full batches; paper: 0, ceil(N / batch))
     precision: str = "auto"          # auto (cuda: bf16 if supported, else fp16 + GradScaler) | fp32 | bf16 | fp16
+    deterministic: bool = False      # deterministic CUDA kernels: a resumed GPU run equals an uninterrupted one bitwise; slower steps
     group_sampling: str = "class"    # class: a random group of the sample's c_zs | own: its own group
     text_grad: str = "exact"         # exact: gradients through all texts | fast: descriptions without gradient
     pseudo: str = "online"           # flyp_pl pseudo-labels: online | fixed (c_zs)
@@ -78,7 +80,7 @@ class ExperimentConfig:
     group_gt_correct: int = -1       # -1 -> pseudo-label groups; 0..k -> ground-truth groups with that many correct
     data_fraction: float = 1.0       # Fig. 6: fraction of the training images used
     eval_batch_size: int = 256       # images per evaluation batch
-    num_workers: int = 2             # DataLoader workers
+    num_workers: int = -1            # DataLoader workers (-1: this rank's share of the CPU cores)
     device: str = ""                 # cpu, cuda, cuda:1, mps ("": cuda > mps > cpu)
     tag: str = ""                    # appended to the run name
 
@@ -94,7 +96,7 @@ class ExperimentConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed: raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         for name, low in dict(lr=0, epochs=0, max_steps=0, batch_size=0, warmup_steps=-1, ckpt_every=0, world_seed=0, groups_per_class=0, released_workers=-1,
-                              num_workers=0, images_per_group=1, caption_batch_size=1, eval_batch_size=1, group_gt_correct=-1).items():
+                              num_workers=-1, images_per_group=1, caption_batch_size=1, eval_batch_size=1, group_gt_correct=-1).items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}" + (" (0 takes the dataset's value)" if low == 0 and name in ("lr", "epochs", "batch_size") else ""))
         if self.weight_decay < 0 and self.weight_decay != -1: raise ValueError(f"weight_decay={self.weight_decay} must be >= 0 (or -1 for the dataset's)")
@@ -139,7 +141,8 @@ class ExperimentConfig:
     def run_name(self) -> str:
         """A readable name that changes with every non-default field that affects results."""
         skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "out_dir", "captions_dir",
-                "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every"}
+                "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every",
+                "deterministic"}
         default = ExperimentConfig(dataset=self.dataset, method=self.method)
         parts = [self.method] + [f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self)
                                  if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)]

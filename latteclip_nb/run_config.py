@@ -20,7 +20,7 @@ _CHOICES = dict(method=METHODS, group_sampling=("class", "own"), text_grad=("exa
                 pseudo=("online", "fixed"), precision=("auto", "fp32", "bf16", "fp16"),
                 ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), mixer=MIXERS)
 # fields that do not change the numbers: a checkpoint written under other values still resumes
-_FREE_FIELDS = {"ckpt_every", "num_workers", "log_every", "resume", "keep_checkpoint", "model_name", "pretrained"}
+_FREE_FIELDS = {"ckpt_every", "num_workers", "log_every", "resume", "keep_checkpoint", "model_name", "pretrained", "deterministic"}
 
 @dataclass
 class TrainConfig:
@@ -52,13 +52,14 @@ class TrainConfig:
     released_workers: int = 0      # W > 0: the released loader, ceil(ceil(N / batch_size) / W) x W full batches an epoch (floor with drop_last)
     max_steps: Optional[int] = None  # cap on optimizer steps; the schedule ends there
     ckpt_every: int = 50           # checkpoint every N optimizer steps (0: at the end of every epoch); see 'Checkpoints'
-    num_workers: int = 0           # DataLoader workers
+    num_workers: int = 0           # DataLoader workers (-1: this rank's share of the CPU cores, see loader_workers)
     seed: int = 0
     log_every: int = 10            # steps between progress-bar updates and steps.jsonl lines
     resume: bool = True            # continue from out_dir's checkpoint, or return its finished export
     keep_checkpoint: bool = False  # keep the resumable checkpoint (model + optimizer) after the final export
     model_name: Optional[str] = None  # open_clip architecture, recorded in the export for load_classifier
     pretrained: Optional[str] = None  # its pretrained tag or file, recorded in the export
+    deterministic: bool = False    # deterministic kernels (set_deterministic): bitwise resume on CUDA too, slower steps
 
     def __post_init__(self): self.check()
 
@@ -72,6 +73,7 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         if not self.lr > 0: raise ValueError(f"TrainConfig.lr={self.lr} must be > 0")
+        if self.num_workers < -1: raise ValueError(f"TrainConfig.num_workers={self.num_workers} must be >= 0, or -1 for a share of the CPU cores")
         if self.warmup_steps < 0 or self.ckpt_every < 0 or self.released_workers < 0:
             raise ValueError("warmup_steps, ckpt_every and released_workers must be >= 0")
         if self.max_steps is not None and self.max_steps < 1: raise ValueError(f"max_steps={self.max_steps}: use None (no cap) or >= 1")

@@ -129,8 +129,8 @@ def train(
     """Fine-tune CLIP with cfg.method on `split`; resumable from out_dir, DDP-aware, exported for `load_classifier`."""
     cfg.check()
     rank, world = dist_info()
-    if world > 1 and torch.cuda.is_available(): device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-    device = get_device(device)
+    device = rank_device(device, rank, world)
+    if cfg.deterministic: set_deterministic()
     out_dir = Path(out_dir)
     N = len(split)
     c_zs, labels = _check_inputs(split, class_texts, cfg, c_zs, texts, labels)
@@ -180,21 +180,28 @@ def train(
         return FloatingPointError(f"{e} (step {st['step'] + 1}): training stopped and {where}; "
                                   f"lower lr or use precision='fp32', then rerun with a new out_dir or resume=False (latteclip-train --no-resume)")
 
-    loader = DataLoader(SeededViews(split, train_transform, cfg.seed), batch_sampler=sampler, num_workers=cfg.num_workers,
-                        collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    workers = loader_workers(cfg.num_workers, world)
+    views = TimedViews(SeededViews(split, train_transform, cfg.seed), workers)
+    loader = DataLoader(views, batch_sampler=sampler, num_workers=workers,
+                        collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     for epoch in range(st["epoch"], cfg.epochs):
         stop = min(spe, total - epoch * spe)
         if stop <= 0: break
         if st["batch"] == 0: trainer.begin_epoch(); st["acc"] = dict(loss=0.0, steps=0, agree=0, n=0, correct=0, labeled=0, seconds=0.0)
         acc, t0 = st["acc"], time.perf_counter()
         sampler.set_epoch(epoch, st["batch"], stop)
+        views.reset(); speed = dict(t0=time.perf_counter(), steps=0, images=0, wait=0.0)   # this rank, this sitting
         batches = iter(loader)
         bar = tqdm(total=stop, initial=st["batch"], desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
         for b in range(st["batch"], stop):
-            micro = [_same_size(next(batches), world, device) for _ in range(cfg.grad_accum)]
+            t_wait = time.perf_counter()
+            fetched = [next(batches) for _ in range(cfg.grad_accum)]
+            speed["wait"] += time.perf_counter() - t_wait
+            micro = [_same_size(mb, world, device) for mb in fetched]
             try: m = trainer.step(micro, epoch)
             except FloatingPointError as e: raise fail(e) from None
             st["step"], st["batch"] = st["step"] + 1, b + 1
+            speed["steps"] += 1; speed["images"] += sum(len(mb[1]) for mb in micro if mb is not None)
             acc["loss"] += m["loss"]; acc["steps"] += 1
             for key in ("agree", "n", "correct", "labeled"): acc[key] += m[key]
             bar.update()
@@ -222,7 +229,9 @@ def train(
         if callback is not None and rank == 0: rec.update(callback(rec, trainer) or {})
         if rank == 0:
             log.info(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                                                             if k not in ("epoch", "seconds") and isinstance(v, float)))
+                                                                             if k not in ("epoch", "seconds") and isinstance(v, float))
+                     + "; " + speed_line(speed["steps"], speed["images"], time.perf_counter() - speed["t0"], speed["wait"],
+                                         views.images_per_s(), workers, world))
         st["history"].append(rec); st["epoch"], st["batch"], st["acc"] = epoch + 1, 0, None
         if rank == 0: atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in st["history"]).encode())
         if cfg.ckpt_every == 0 and st["step"] < total: save()
