@@ -15,7 +15,7 @@ from pathlib import Path
 try: import fcntl
 except ImportError: fcntl = None  # no file locks on Windows: give every process its own shard
 
-from .core import file_keys, log
+from .core import file_keys, log, RunLock
 from .collage import as_label_array, sample_groups, sample_groups_gt
 from .prompts import group_prompt, image_prompt
 
@@ -64,16 +64,16 @@ class CaptionStore:
                  root,                     # store folder (one per dataset)
                  shard: int | None = 0,    # the shard this process appends to; None opens the store read-only
                  wait: bool = False):      # if another process writes this shard: wait for it (True) or fail (False)
-        self.root, self.shard, self.records, self._fd = Path(root), shard, {}, None
+        self.root, self.shard, self.records, self._fd, self._held = Path(root), shard, {}, None, None
         if shard is not None:
             if int(shard) < 0: raise ValueError(f"shard must be >= 0, got {shard}")
             self.path = shard_file(self.root, shard)
+            self._lock(wait)   # before the file is touched: repairing it is the writer's job
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 new = not self.path.exists()
                 self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            except OSError as e: raise _store_error(self.root, e, "opening") from None
-            self._lock(wait)
+            except OSError as e: self.close(); raise _store_error(self.root, e, "opening") from None
             if new: self._sync_dir()
             try: self._repair()
             except OSError as e: raise _store_error(self.path, e, "repairing") from None
@@ -82,16 +82,10 @@ class CaptionStore:
         self.reload()
 
     def _lock(self, wait: bool = False):
-        if fcntl is None: return
-        try: fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if wait:
-                log.info(f"{self.path} is being written by another process: waiting for it to finish")
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-                return
-            os.close(self._fd); self._fd = None
-            raise RuntimeError(f"{self.path} is open in another process (shard {self.shard}); "
-                               "give each process its own shard") from None
+        "Hold the shard's lock file (`captions-NNN.lock`): one writer per shard; a busy shard names its writer."
+        try: self._held = RunLock(self.path.with_suffix(".lock"), what=f"caption shard {self.shard} of {self.root}", wait=wait,
+                                  advice="give each process its own shard (--shard i --num-shards n), or wait for it to finish (--wait)")
+        except OSError as e: raise _store_error(self.root, e, "opening") from None
 
     def _sync_dir(self):
         try:
@@ -156,6 +150,7 @@ class CaptionStore:
     def close(self):
         """Release this shard's file and lock."""
         if self._fd is not None: os.close(self._fd); self._fd = None
+        if self._held is not None: self._held.release(); self._held = None
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
     def __del__(self): self.close()

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import log
+from .core import log, progress_bar
 from .data import load_image
 from .prompts import llava_zero_shot_prompt
 # LLaVA in this process (05); its public names are this module's too
@@ -221,7 +221,7 @@ def llava_zero_shot(captioner, split, batch_size: int = 8, cache_file=None) -> d
             if f.read(1) != b"\n": f.write(b"\n")
     todo = [i for i, k in enumerate(split.ids) if k not in done]
     paths = split.paths
-    for s in tqdm(range(0, len(todo), batch_size), desc="LLaVA zero-shot", unit="batch", disable=not todo):
+    for s in progress_bar(range(0, len(todo), batch_size), desc="LLaVA zero-shot", unit="batch", disable=not todo):
         idx, images = [], []
         for i in todo[s:s + batch_size]:
             try: images.append(load_image(paths[i])); idx.append(i)

@@ -6,7 +6,7 @@
 __all__ = ['Texts', 'run_captioner', 'merge_captions', 'describe_dataset', 'caption_parser', 'build_captioner', 'call_plan',
            'main']
 
-# %% ../nbs/05c_captions.ipynb #7936679e
+# %% ../nbs/05c_captions.ipynb #fec206ea
 import argparse, importlib, json, logging, os, sys, time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from .core import atomic_write_json, cache_root, default_data_root, log, read_json, seed_everything
+from .core import atomic_write_json, cache_root, default_data_root, log, progress_bar, read_json, seed_everything
 from .collage import make_collage
 from .data import load_image
 # the caption store (05b); its public names are this module's too
@@ -77,8 +76,7 @@ def run_captioner(captioner, split, items: list, store: CaptionStore, batch_size
     """Describe `items` in batches, appending each batch's answers to `store`; returns counts of this run."""
     model, counts = captioner.model_id, Counter()
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    bar = tqdm(total=len(items), desc=desc, unit="cap", dynamic_ncols=True, smoothing=0.05,
-               mininterval=0.1 if sys.stderr.isatty() else 30)   # a log file gets a line every 30 s
+    bar = progress_bar(total=len(items), desc=desc, unit="cap", dynamic_ncols=True, smoothing=0.05)   # a log file: a line every 30 s
     pool, ahead, pending = ThreadPoolExecutor(max(1, workers)), max(1, workers) + 1, deque()
     try:
         for b in batches[:ahead]: pending.append(pool.submit(_load_batch, split, b))
@@ -164,6 +162,7 @@ def describe_dataset(
     image_keys: list | None = None,  # the images' store ids (default: `content_ids(split)`, hashes of the files)
     work: Work | None = None,    # the work list, when the caller already built it (`caption_work`)
     barrier=None,                # callable run after this shard's work and before the merge (all shards then done)
+    wait: bool = True,           # another process writes this shard: wait for it, then find its captions (False: refuse)
 ) -> "Texts | None":
     """Describe the images and groups of `split` with `captioner`, resuming from the store; Texts once all shards are done."""
     if not 0 <= shard < num_shards: raise ValueError(f"shard {shard} is not in 0..{num_shards - 1} (num_shards={num_shards})")
@@ -182,7 +181,7 @@ def describe_dataset(
     if todo and not read_only:
         if store is not None: store.close()
         # the shard's lock is held only while there is work; a second run of the same shard waits, then finds it done
-        with CaptionStore(out_dir, shard=shard, wait=True) as writer:
+        with CaptionStore(out_dir, shard=shard, wait=wait) as writer:
             counts = run_captioner(captioner, split, pending(writer), writer, batch_size, workers,
                                    desc=f"{spec.name} captions" + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""))
         log.info(f"shard {shard}: wrote {counts.get('done', 0)} captions ({counts.get('empty', 0)} empty, "
@@ -240,6 +239,7 @@ def caption_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("run")
     a.add_argument("--shard", type=int, default=0)
     a.add_argument("--num-shards", type=int, default=1)
+    a.add_argument("--wait", action="store_true", help="if another process is writing this shard, wait for it (default: stop, naming it)")
     a.add_argument("--out", help="caption store folder (default: <cache>/captions/<dataset>)")
     a.add_argument("--clip-model", default="ViT-B-32", help="CLIP for the zero-shot labels c_zs")
     a.add_argument("--pretrained", default="laion2b_s34b_b79k", help="its weights ('none': random, for tests)")
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
         texts = describe_dataset(spec, split, c_zs, captioner, out, kinds=args.kind, batch_size=args.batch_size,
                                  shard=args.shard, num_shards=args.num_shards, seed=args.seed,
                                  images_per_group=args.images_per_group, groups_per_class=args.groups_per_class,
-                                 n_correct=args.n_correct, workers=args.workers, work=work)
+                                 n_correct=args.n_correct, workers=args.workers, work=work, wait=args.wait)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"latteclip-caption: error: {e}", file=sys.stderr)
         return 2

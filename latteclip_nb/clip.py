@@ -19,9 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
-from .core import atomic_write_bytes, atomic_write_json, cache_root, file_keys, get_device, log, read_json
+from .core import atomic_write_bytes, atomic_write_json, cache_root, file_keys, get_device, log, progress_bar, read_json
 from .data import ImageDataset, Split, collate_skip
 
 # %% auto #0
@@ -178,7 +177,7 @@ def encode_images(model, dataset, batch_size: int = 256, num_workers: int = 0, d
     loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_skip,
                         pin_memory=device.type == "cuda")
     feats, seen = torch.zeros(n, _embed_dim(model)), torch.zeros(n, dtype=torch.bool)
-    with _eval_mode(model), tqdm(total=len(part), desc=desc, unit="img", leave=False, disable=rank != 0) as bar:
+    with _eval_mode(model), progress_bar(total=len(part), desc=desc, unit="img", leave=False, disable=rank != 0) as bar:
         for b, batch in enumerate(loader):
             bar.update(min(batch_size, len(part) - b * batch_size))
             if batch is None: continue

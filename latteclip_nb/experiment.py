@@ -17,11 +17,12 @@ from .core import atomic_write_json, cache_root, get_device, log, seed_everythin
 # the config (13a) and the recipes (13b); their public names are this module's too
 from .experiment_config import *
 from .recipes import *
+from .recipes import _TRAIN_METHODS
 from .experiment_config import _kind
 
 # %% ../nbs/13c_experiment.ipynb #61face29
-import shutil
-from .core import read_json
+import contextlib, shutil
+from .core import RunLock, read_json
 
 def git_commit() -> str | None:
     """The package's git commit (with `-dirty` for uncommitted changes), or None outside a checkout."""
@@ -90,7 +91,12 @@ def _previous_run(out: Path, cfg: ExperimentConfig, overwrite: bool, rank: int):
     return None, restart
 
 def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
-    """Run one experiment end to end and return (and write) its metrics."""
+    """Run one experiment end to end and return (and write) its metrics; one run at a time per out-dir."""
+    with contextlib.ExitStack() as held:   # the out-dir's lock and the trackers, released however the run ends
+        return _run_experiment(cfg, overwrite, held)
+
+def _run_experiment(cfg: ExperimentConfig, overwrite: bool, held: contextlib.ExitStack) -> dict:
+    "run_experiment inside its ExitStack: the checks, the process group, then the run."
     t0 = time.time()
     cfg.validate()   # every mistake that can be seen now is reported now, before any model is loaded
     if cfg.deterministic:   # before any CUDA work: cuBLAS reads its workspace setting once
@@ -104,11 +110,11 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         dist.destroy_process_group()
         if rank != 0: return {}
         world = 1
-    try: return _run(cfg, overwrite, rank, world, device, t0)
+    try: return _run(cfg, overwrite, rank, world, device, t0, held)
     finally:
         if owned and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
-def _run(cfg, overwrite, rank, world, device, t0):
+def _run(cfg, overwrite, rank, world, device, t0, held):
     "run_experiment's body, inside the process group (if any)."
     from latteclip_nb.clip import load_clip, text_classifier, zero_shot_pseudo_labels
     from latteclip_nb.prompts import class_description
@@ -119,6 +125,7 @@ def _run(cfg, overwrite, rank, world, device, t0):
     spec = recipe_spec(cfg, spec)   # the recipe's class template, for c_zs, the prototypes and the zero-shot baseline
     out = Path(cfg.out_dir).expanduser() if cfg.out_dir else Path("runs")/spec.name/cfg.run_name()
     metrics_path = out/"metrics.json"
+    if rank == 0: held.enter_context(RunLock(out/"run.lock", what=f"out-dir {out}", advice="wait for that run to finish, or give another out-dir"))
     done, restart = _previous_run(out, cfg, overwrite, rank)
     if done is not None: return done
     train_split, test_split = sp["train"], sp["test"]
@@ -176,8 +183,10 @@ def _run(cfg, overwrite, rank, world, device, t0):
         tcfg = train_config(cfg, spec, len(train_split), model_name=arch, pretrained=str(pretrained),
                             resume=cfg.resume and not restart)
         metrics["train_config"] = asdict(tcfg)
+        reporter = _reporter(cfg, out, held) if rank == 0 else None
         res = train(model, tokenizer, train_tf, train_split, class_texts, tcfg, out/"train", c_zs=c_zs, texts=texts,
-                    labels=train_split.labels, device=device)
+                    labels=train_split.labels, device=device, reporter=reporter,
+                    meta=dict(dataset=spec.name, recipe=cfg.recipe, template=spec.template, captioner=captioner_id))
         history = res.history
         result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
                           num_workers=workers, shard=world > 1)   # every rank encodes its share of the test set
@@ -190,8 +199,22 @@ def _run(cfg, overwrite, rank, world, device, t0):
                    config=asdict(cfg), git_commit=git_commit(), wall_time_s=round(time.time() - t0, 1))
     _save_figures(result, history, classnames, out)
     atomic_write_json(metrics_path, metrics)
+    if metrics.get("classifier_path"):   # the export's model card gets the measured top-1
+        from latteclip_nb.train import write_model_card
+        write_model_card(metrics["classifier_path"], metrics)
+    if cfg.report_to:
+        _reporter(cfg, out, held).log({"eval/top1": metrics["top1"], "eval/zeroshot_top1": metrics["zeroshot_top1"]},
+                                      (history or [{}])[-1].get("step", 0))
     _barrier()
     return metrics
+
+def _reporter(cfg, out: Path, held: contextlib.ExitStack):
+    "The run's Reporter (one per run, closed with `held`); it writes under `out`."
+    if getattr(held, "reporter", None) is None:
+        from latteclip_nb.train import Reporter
+        held.reporter = Reporter(cfg.report_to, out, name=f"{Path(cfg.dataset).name}/{cfg.run_name()}", config=asdict(cfg))
+        held.callback(held.reporter.close)
+    return held.reporter
 
 def _captions(cfg, spec, split, c_zs, rank, world, device=None):
     "Image and group descriptions for the training split: each rank captions its shard, then all read the merged store."

@@ -23,7 +23,7 @@ CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto",
                mixer=("eq1", "released"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
 FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every",
-               "deterministic"}
+               "deterministic", "report_to"}
 
 @dataclass
 class ExperimentConfig:
@@ -82,6 +82,7 @@ class ExperimentConfig:
     eval_batch_size: int = 256       # images per evaluation batch
     num_workers: int = -1            # DataLoader workers (-1: this rank's share of the CPU cores)
     device: str = ""                 # cpu, cuda, cuda:1, mps ("": cuda > mps > cpu)
+    report_to: str = ""              # experiment tracking: tensorboard, wandb, tensorboard,wandb ("": none; optional extras)
     tag: str = ""                    # appended to the run name
 
     def __post_init__(self): self.check()
@@ -107,6 +108,8 @@ class ExperimentConfig:
         if not 0 < self.data_fraction <= 1: raise ValueError(f"data_fraction={self.data_fraction} must lie in (0, 1]")
         if self.method == "latteclip" and not (self.use_class or self.use_image or self.use_group):
             raise ValueError("use_class, use_image and use_group are all False: enable at least one text")
+        from latteclip_nb.train import parse_report_to
+        parse_report_to(self.report_to)
         if self.describer_errors or self.class_names:
             from latteclip_nb.shapes import parse_class_names, parse_describer_errors
             parse_describer_errors(self.describer_errors); parse_class_names(self.class_names)
@@ -134,6 +137,8 @@ class ExperimentConfig:
         if not (rendered and self.pretrained == RARE_PRETRAINED):   # that model is pretrained here on first use
             check_model(*resolve_model(self, _Kind("shapes" if rendered else "")))   # no model is loaded, no network waited on
         _need_writable(Path(self.out_dir).expanduser() if self.out_dir else Path("runs"), "out_dir")
+        from latteclip_nb.train import check_report_to
+        check_report_to(self.report_to)   # a tracker that is not installed stops here, not after training
         if self.captioner == "openai" and not self.server_url:
             raise ValueError("captioner='openai' needs server_url (e.g. http://localhost:8000/v1)")
         return self
@@ -142,7 +147,7 @@ class ExperimentConfig:
         """A readable name that changes with every non-default field that affects results."""
         skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "out_dir", "captions_dir",
                 "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every",
-                "deterministic"}
+                "deterministic", "report_to"}
         default = ExperimentConfig(dataset=self.dataset, method=self.method)
         parts = [self.method] + [f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self)
                                  if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)]

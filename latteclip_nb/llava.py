@@ -9,7 +9,7 @@ __all__ = ['LLAVA_MODEL', 'LLAVA_PINPOINTS', 'TINY_SPECIAL', 'TINY_TEXT', 'TINY_
            'single_view_processor', 'load_single_view_model', 'nf4_config', 'llava_precision', 'load_llava',
            'model_fingerprint', 'checkpoint_ref', 'LlavaCaptioner']
 
-# %% ../nbs/05_llava.ipynb #b25707ae
+# %% ../nbs/05_llava.ipynb #c71b3ba2
 import hashlib, json, logging, os, shutil, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from transformers import (AutoConfig, BitsAndBytesConfig, CLIPImageProcessor, CL
 
 from .core import file_keys, get_device
 from .prompts import llava_chat
+
 
 # %% ../nbs/05_llava.ipynb #af26aa78
 LLAVA_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"  # the paper's LMM: LLaVA-1.6 with Mistral-7B

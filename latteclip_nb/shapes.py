@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import cache_root, log, read_json
+from .core import cache_root, log, progress_bar, read_json
 # the shapes world and its describer (12); their public names are this module's too
 from .shapes_world import *
 
@@ -165,7 +165,7 @@ def pretrain(out=SHAPES_CHECKPOINT, steps: int = 1500, batch_size: int = 128, lr
         log.info(f"resuming pretraining from step {start} ({resume})")
     loss_fn, t0 = open_clip.ClipLoss(), time.perf_counter()
     model.train()
-    bar = tqdm(range(start, steps), desc="pretrain latte-shapes", initial=start, total=steps, disable=not progress)
+    bar = progress_bar(range(start, steps), desc="pretrain latte-shapes", initial=start, total=steps, disable=not progress)
     for step in bar:
         for g in opt.param_groups: g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         x, t, _ = source_batch(step, batch_size, seed, tokenizer=tok, rare_rate=rare_rate)

@@ -8,7 +8,7 @@ __all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'RARE_NAMES', 'SOURCE', 
            'render_image', 'where', 'caption', 'World', 'world_scenes', 'save_png', 'world_dir', 'make_world',
            'SimulatedDescriber']
 
-# %% ../nbs/12_shapes_world.ipynb #48eed6e9
+# %% ../nbs/12_shapes_world.ipynb #72a6c8b8
 import hashlib, json, math, os, shutil, time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
-from tqdm.auto import tqdm
 
-from .core import atomic_write_json, cache_root, log
+from .core import atomic_write_json, cache_root, log, progress_bar, read_json
+
 
 # %% ../nbs/12_shapes_world.ipynb #0d24fc86
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "cross", "heart", "crescent", "diamond", "ring"]
@@ -228,7 +228,7 @@ def make_world(world: World = World(), root=None, progress: bool = True) -> Path
     for split in SPLIT_CODES:
         (tmp / split).mkdir(parents=True)
         rows = []
-        for i, sc in enumerate(tqdm(world_scenes(world, split), desc=f"render shapes {split}", disable=not progress)):
+        for i, sc in enumerate(progress_bar(world_scenes(world, split), desc=f"render shapes {split}", disable=not progress)):
             rel = f"{split}/{i:05d}.png"
             save_png(render(sc, world.size), tmp / rel, sc)
             rows.append([rel, SHAPES.index(sc["shape"]), sc["shape"]])

@@ -6,7 +6,7 @@
 __all__ = ['latte_targets', 'dist_info', 'rank_device', 'resolve_precision', 'Trainer']
 
 # %% ../nbs/09d_step.ipynb #00168a79
-import contextlib, math
+import contextlib, math, os
 from typing import Callable, Optional
 
 import torch

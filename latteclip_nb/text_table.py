@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .views import seeded_uniform
+from .core import progress_bar
 
 # %% ../nbs/09c_text_table.ipynb #5421a365
 def _reuses_bpe(tokenizer) -> bool:
@@ -31,7 +32,7 @@ def _tokenize(tokenizer, strings: list, chunk: int = 4096, bpe: Optional[dict] =
     use = bool(bpe) and _reuses_bpe(tokenizer)
     rest = [i for i, s in enumerate(strings) if not use or s not in bpe]
     parts = [tokenizer([strings[j] for j in rest[i:i + chunk]]).to(torch.int32)
-             for i in tqdm(range(0, len(rest), chunk), desc="tokenizing", disable=len(rest) <= chunk, leave=False)]
+             for i in progress_bar(range(0, len(rest), chunk), desc="tokenizing", disable=len(rest) <= chunk, leave=False)]
     L = parts[0].shape[1] if parts else (int(getattr(tokenizer, "context_length", 0) or 77) if use else 1)
     out = np.zeros((len(strings), L), np.int32)
     if use:
