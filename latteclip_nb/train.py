@@ -161,11 +161,12 @@ def train(
         if rank == 0:
             atomic_write_bytes(steps_path, "".join(json.dumps(r) + "\n" for r in _read_jsonl(steps_path) if r["step"] <= st["step"]).encode())
     elif rank == 0:
-        for f in (metrics_path, steps_path, ckpt, out_dir/"classifier"/"classifier.json"): f.unlink(missing_ok=True)
+        for f in (metrics_path, steps_path, ckpt, out_dir/"classifier"/"classifier.json", out_dir/RECORD_FILE): f.unlink(missing_ok=True)
     _barrier()
 
     def save():
         err = None
+        if trainer.record is not None: trainer.record.sync(device)   # every rank's samples, before rank 0 writes
         if rank == 0:
             try: atomic_torch_save(dict(format=1, config=asdict(cfg), n_train=N, total_steps=total, world_size=world,
                                         state=st, trainer=trainer.state_dict(), rng=rng_state()), ckpt)
@@ -243,7 +244,9 @@ def train(
     del loader
     classifier = trainer.classifier()
     if cfg.keep_checkpoint: save()
+    elif trainer.record is not None: trainer.record.sync(device)
     if rank == 0:
+        if trainer.record is not None: trainer.record.save(out_dir/RECORD_FILE, trainer.bank.prototypes)
         export_classifier(out_dir/"classifier", trainer.model, classifier, split.classnames, class_texts, cfg,
                           None if trainer.bank is None else trainer.bank.prototypes, **{**(meta or {}), "n_train": N, "step": st["step"]})
         if not cfg.keep_checkpoint: ckpt.unlink(missing_ok=True)
