@@ -6,7 +6,7 @@
 __all__ = ['KINDS', 'CLIP_TEXT_TOKENS', 'shard_file', 'record_key', 'CaptionStore', 'WorkItem', 'Work', 'content_ids',
            'caption_work', 'shard_of', 'clip_bpe', 'clip_token_count', 'caption_stats']
 
-# %% ../nbs/05b_caption_store.ipynb #3a0afcf0
+# %% ../nbs/05b_caption_store.ipynb #fec206ea
 import errno, hashlib, json, os
 from dataclasses import dataclass
 from functools import lru_cache

@@ -137,15 +137,21 @@ def load_classifier(path, device=None, model_name: Optional[str] = None) -> Clas
             raise FileNotFoundError(f"{path/name} is missing: {path} is not a complete classifier export (train writes <out_dir>/classifier)")
     meta = read_json(path/"classifier.json")
     weights_file = _weights_file(path)
-    if model_name is None and (path/OPEN_CLIP_CONFIG).is_file() and weights_file.name == WEIGHTS_FILE:
-        model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{path.resolve()}", device="cpu")
-    else:
-        from latteclip_nb.clip import load_clip
-        arch = model_name or meta.get("model")
-        if not arch: raise ValueError(f"{path/'classifier.json'} does not name its architecture: pass model_name= (e.g. 'ViT-B-32')")
-        model, _, eval_tf, _ = load_clip(arch, pretrained=None, device="cpu")
-        model.load_state_dict(load_file(str(weights_file)))
-    weights = load_file(str(path/"classifier.safetensors"))["classifier"]
+    def damaged(f, e): return ValueError(f"{f} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]}): copy the "
+                                         f"classifier folder {path} again, or export it again by rerunning training")
+    try:
+        if model_name is None and (path/OPEN_CLIP_CONFIG).is_file() and weights_file.name == WEIGHTS_FILE:
+            model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{path.resolve()}", device="cpu")
+        else:
+            from latteclip_nb.clip import load_clip
+            arch = model_name or meta.get("model")
+            if not arch: raise ValueError(f"{path/'classifier.json'} does not name its architecture: pass model_name= (e.g. 'ViT-B-32')")
+            model, _, eval_tf, _ = load_clip(arch, pretrained=None, device="cpu")
+            model.load_state_dict(load_file(str(weights_file)))
+    except (ValueError, FileNotFoundError): raise
+    except Exception as e: raise damaged(weights_file, e) from None   # safetensors' and torch's errors on a torn or foreign file
+    try: weights = load_file(str(path/"classifier.safetensors"))["classifier"]
+    except Exception as e: raise damaged(path/"classifier.safetensors", e) from None
     if len(weights) != len(meta["classnames"]):
         raise ValueError(f"{path}: classifier.safetensors has {len(weights)} class vectors but classifier.json names {len(meta['classnames'])} classes")
     return Classifier(model.eval(), eval_tf, weights, meta["classnames"], device, meta)

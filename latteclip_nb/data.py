@@ -5,7 +5,7 @@
 # %% ../nbs/01b_data.ipynb #42d2c28a
 from __future__ import annotations
 
-import os
+import os, re
 from pathlib import Path
 
 from PIL import Image
@@ -21,7 +21,7 @@ from .split_files import _need_dir
 
 # %% auto #0
 __all__ = ['IMG_EXTENSIONS', 'load_image', 'ImageDataset', 'collate_skip', 'list_images', 'plural', 'read_classes_file',
-           'FolderDomain']
+           'folder_name', 'FolderDomain']
 
 # %% ../nbs/01b_data.ipynb #c816a50e
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -100,6 +100,11 @@ def read_classes_file(path) -> list[str]:
     return names
 
 # %% ../nbs/01b_data.ipynb #c9a23f7f
+def folder_name(root) -> str:
+    """A custom folder's default dataset name: its parent's name and its own (`/data/birds/unlabeled` -> `birds-unlabeled`)."""
+    p = Path(root).expanduser().resolve()
+    return re.sub(r"[^\w.-]+", "_", "-".join(s for s in (p.parent.name, p.name) if s)) or "folder"
+
 class FolderDomain:
     """A custom domain: unlabeled training images in `root`, class names, a domain word, an optional labeled test folder."""
     def __init__(self, root, classnames=None, classes_file=None, domain: str = "object", test_root=None,
@@ -117,7 +122,7 @@ class FolderDomain:
         self.classnames = check_classnames([clean_classname(c) for c in classnames], source)
         if not str(domain).strip(): raise ValueError("domain must be a word such as 'texture' or 'galaxy', got an empty string")
         domain_plural = domain_plural or plural(domain)
-        self.spec = DatasetSpec(name or self.root.name, str(self.root), str(self.test_root or ""), template, domain,
+        self.spec = DatasetSpec(name or folder_name(self.root), str(self.root), str(self.test_root or ""), template, domain,
                                 domain_plural, generic_image_prompt(domain), generic_group_prompt(domain_plural),
                                 epochs, warmup_steps, kind="folder", n_classes=len(self.classnames))
         if not self._train_ids(): raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {self.root}")

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from .core import check_device
 
 # %% ../nbs/13a_experiment_config.ipynb #abe0eca0
 import hashlib, tempfile
 
 METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
-CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "openai", "tiny", "simulated"), group_sampling=("class", "own"),
+CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "openai", "tiny", "simulated"), bos=("request", "server"), group_sampling=("class", "own"),
                text_grad=("exact", "fast"), pseudo=("online", "fixed"),
                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"),
                mixer=("eq1", "released"))
@@ -35,17 +36,19 @@ class ExperimentConfig:
     split_file: str = ""             # CoOp split_zhou_*.json, when not under data_root
     classes_file: str = ""           # custom folder: one class name per line
     domain: str = "object"           # custom folder: the domain word
-    test_root: str = ""              # custom folder: labeled test images (ImageFolder layout)
+    test_root: str = ""              # custom folder: labeled test images (ImageFolder layout); "" -> train only, no evaluation
+    name: str = ""                   # custom folder: its dataset name ("" -> the folder's parent and own name, e.g. birds-unlabeled)
     world_seed: int = 0              # shapes: seed of the rendered world (0: the default world)
     describer_errors: str = ""       # shapes: describer error rates to change, e.g. "q_shape=0.3,p_drop=0.1"
     class_names: str = ""            # shapes: the task's names for some classes, e.g. "diamond=lozenge,ring=annulus"
     out_dir: str = ""                # "" -> runs/<dataset>/<run name>
     captions_dir: str = ""           # caption store shared by all runs ("" -> <cache>/captions)
-    model: str = ""                  # OpenCLIP architecture ("" -> ViT-B-32; shapes: latte-shapes)
-    pretrained: str = ""             # tag, file or "none" ("" -> laion2b_s34b_b79k; shapes: shipped weights, or rare-names)
+    model: str = ""                  # OpenCLIP architecture, --clip-model ("" -> ViT-B-32; shapes: latte-shapes; or local-dir:FOLDER)
+    pretrained: str = ""             # tag, file or "none" ("" -> laion2b_s34b_b79k; shapes and latte-shapes: shipped weights, or rare-names)
     captioner: str = "auto"          # auto | llava | openai | tiny | simulated
     captioner_model: str = ""        # LMM id or folder ("" -> llava-hf/llava-v1.6-mistral-7b-hf)
     server_url: str = ""             # OpenAI-compatible server for captioner=openai
+    bos: str = "request"             # captioner=openai: request <s> (vLLM, SGLang) | server (transformers serve adds it itself)
     caption_batch_size: int = 8      # images per captioner call
     single_view: bool = True         # LLaVA sees one 336x336 view (the reference setting)
     seed: int = 0                    # seed of training, groups and the data fraction
@@ -126,7 +129,10 @@ class ExperimentConfig:
         if folder.is_dir():
             if self.classes_file: _need(self.classes_file, "classes_file", file=True)
             if self.test_root: _need(self.test_root, "test_root")
+            elif self.method in _EVAL_ONLY:
+                raise ValueError(f"method={self.method} only evaluates: give test_root, a labeled folder (one sub-folder of images per class)")
         else:
+            if self.name: raise ValueError(f"name={self.name!r} names a custom folder; dataset={self.dataset!r} has its own name: leave name unset")
             from latteclip_nb.data import get_spec
             if shapes: import latteclip_nb.shapes  # registers the offline world
             rendered = get_spec(self.dataset).kind == "shapes"   # an unknown name, or a path to no folder: one line
@@ -145,7 +151,7 @@ class ExperimentConfig:
 
     def run_name(self) -> str:
         """A readable name that changes with every non-default field that affects results."""
-        skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "out_dir", "captions_dir",
+        skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "name", "out_dir", "captions_dir",
                 "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every",
                 "deterministic", "report_to"}
         default = ExperimentConfig(dataset=self.dataset, method=self.method)
@@ -159,6 +165,7 @@ def _short(v, n: int = 40) -> str:
     return v if len(v) <= n else f"{v[:16]}~{hashlib.sha256(v.encode()).hexdigest()[:8]}"
 
 _KIND_WORDS = dict(bool="true or false", int="an integer", float="a number", str="a string")
+_EVAL_ONLY = ("zeroshot", "llava_zs", "reclip")   # methods that need a labeled test split to do anything
 
 def _kind(f) -> str:
     "bool | int | float | str: the kind of a config field."
@@ -169,17 +176,8 @@ class _Kind:
     kind: str
 
 def _check_device(device: str):
-    "One line when `device` is malformed or names hardware that is not there."
-    if not device: return
-    try: dev = torch.device(device)
-    except (RuntimeError, ValueError): raise ValueError(f"device={device!r} is not a device: use cpu, cuda, cuda:N or mps (or leave it empty)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but no CUDA GPU is visible here (torch.cuda.is_available() is False): use device=cpu or leave it empty")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible: use cuda:0..{torch.cuda.device_count() - 1}")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device={device!r} but MPS is not available here: use device=cpu or leave it empty")
+    "One line when `device` is malformed or names hardware that is not there (`core.check_device`, as every command)."
+    check_device(device)
 
 def _need(path, field: str, file: bool = False):
     "One line when the folder (or file) a config field names does not exist."
@@ -223,7 +221,8 @@ def resolve_data(cfg: ExperimentConfig):
     from latteclip_nb import core, data
     folder = Path(cfg.dataset).expanduser()
     if folder.is_dir():
-        dom = data.FolderDomain(folder, classes_file=cfg.classes_file or None, domain=cfg.domain, test_root=cfg.test_root or None)
+        dom = data.FolderDomain(folder, classes_file=cfg.classes_file or None, domain=cfg.domain, test_root=cfg.test_root or None,
+                                name=cfg.name or None)
         return dom.spec, dom.splits()
     if cfg.dataset == "shapes":   # the offline world, or a variant of it (world_seed, describer_errors, class_names)
         from latteclip_nb.shapes import shapes_variant
@@ -233,17 +232,21 @@ def resolve_data(cfg: ExperimentConfig):
     return spec, data.splits(spec.name, root, split_file=cfg.split_file or None)
 
 def resolve_model(cfg: ExperimentConfig, spec):
-    """(architecture, pretrained) for a config: the paper's ViT-B-32 LAION-2B, or the shapes world's own model."""
+    """(architecture, pretrained) for a config: the paper's ViT-B-32 LAION-2B, the shapes world's own model, or a folder's."""
+    from latteclip_nb.shapes import RARE_PRETRAINED, SHAPES_MODEL, SHAPES_CHECKPOINT, rare_names_checkpoint
     if spec.kind == "shapes":
-        from latteclip_nb.shapes import RARE_PRETRAINED, SHAPES_MODEL, SHAPES_CHECKPOINT, rare_names_checkpoint
         if cfg.pretrained == RARE_PRETRAINED: return cfg.model or SHAPES_MODEL, str(rare_names_checkpoint())
         default = (SHAPES_MODEL, str(SHAPES_CHECKPOINT))
     else: default = ("ViT-B-32", "laion2b_s34b_b79k")
+    arch = cfg.model or default[0]
+    if not cfg.pretrained and arch != default[0]:   # another architecture: its own weights, never the default's tag
+        if arch.startswith(("hf-hub:", "local-dir:")): return arch, None   # the folder carries them
+        if arch == SHAPES_MODEL: return arch, str(SHAPES_CHECKPOINT)      # the package ships them
     pretrained = cfg.pretrained or default[1]
-    return cfg.model or default[0], None if pretrained.lower() == "none" else pretrained
+    return arch, None if pretrained.lower() in ("none", "random") else pretrained
 
 def make_captioner(cfg: ExperimentConfig, spec, device=None):
     """The captioner a config asks for (`auto`: the simulated describer for shapes, else LLaVA or a server)."""
     from latteclip_nb.captions import build_captioner
     return build_captioner(cfg.captioner, spec, model=cfg.captioner_model, server_url=cfg.server_url,
-                           single_view=cfg.single_view, batch_size=cfg.caption_batch_size, device=device)
+                           single_view=cfg.single_view, batch_size=cfg.caption_batch_size, device=device, bos=cfg.bos)

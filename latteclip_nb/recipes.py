@@ -142,7 +142,7 @@ def _spec_and_size(cfg: ExperimentConfig):
     if cfg.dataset == "shapes": import latteclip_nb.shapes  # registers the offline world (renders nothing)
     if Path(cfg.dataset).expanduser().is_dir():
         dom = data.FolderDomain(Path(cfg.dataset).expanduser(), classes_file=cfg.classes_file or None, domain=cfg.domain,
-                                test_root=cfg.test_root or None)
+                                test_root=cfg.test_root or None, name=cfg.name or None)
         return dom.spec, len(dom._train_ids())
     spec = data.get_spec(cfg.dataset)
     return spec, spec.n_train

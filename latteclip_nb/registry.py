@@ -94,10 +94,13 @@ def get_spec(name) -> DatasetSpec:
     key = str(name).strip().lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key in DATASETS: return DATASETS[key]
+    if key == "shapes":   # the offline world registers itself when its module is imported
+        import latteclip_nb.shapes, latteclip_nb.data as registry
+        return registry.DATASETS[key]
     if _looks_like_path(name):   # a mistyped folder is not an unknown dataset name
         raise FileNotFoundError(f"no such folder {Path(str(name)).expanduser().absolute()}: check the path of your image folder "
                                 f"(or give a dataset name: {', '.join(DATASETS)})")
-    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} "
+    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(dict.fromkeys([*DATASETS, 'shapes']))} "
                      f"(aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())})")
 
 def _looks_like_path(name) -> bool:

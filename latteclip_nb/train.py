@@ -149,7 +149,10 @@ def train(
     st = dict(step=0, epoch=0, batch=0, history=[], acc=None)
     if rank == 0: out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try: saved = torch.load(ckpt, map_location="cpu", weights_only=True); saved["config"], saved["n_train"], saved["trainer"]
+        except Exception as e:   # torch's own advice for a damaged file (weights_only=False) must never reach a user
+            raise ValueError(f"{ckpt} is damaged or not a training checkpoint ({type(e).__name__}): rerun with --no-resume "
+                             "(resume=False) to start this run over, or --overwrite to replace the whole out-dir") from None
         diff = _config_diff(saved["config"], cfg)
         if saved["n_train"] != N: diff.append(f"training images: {saved['n_train']} -> {N}")
         if diff:
