@@ -4,6 +4,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import httpx
 import openai
 import pytest
 import torch
@@ -146,7 +147,7 @@ def test_retry_policy():
 
     def flaky():
         calls.append(1)
-        if len(calls) < 3: raise openai.APIConnectionError(request=None)
+        if len(calls) < 3: raise openai.APIConnectionError(request=httpx.Request("POST", "http://127.0.0.1/v1"))
         return "ok"
     assert with_retries(flaky, retries=2, backoff=0.001) == "ok" and len(calls) == 3
     calls.clear()
