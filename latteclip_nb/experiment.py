@@ -18,7 +18,7 @@ from .core import atomic_write_json, cache_root, check_device, deprecated_flag, 
 from .experiment_config import *
 from .recipes import *
 from .recipes import _TRAIN_METHODS
-from .experiment_config import _EVAL_ONLY, _kind
+from .experiment_config import _EVAL_ONLY, _kind, _parse_bool
 from .recipes import _spec_and_size
 
 
@@ -257,11 +257,6 @@ def _save_figures(result, history, classnames, out):
 
 # %% ../nbs/13c_experiment.ipynb #23153404
 import inspect, re
-
-def _parse_bool(s: str) -> bool:
-    if s.lower() in {"1", "true", "yes", "y", "on"}: return True
-    if s.lower() in {"0", "false", "no", "n", "off"}: return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 def _field_help() -> dict:
     "The comment beside each ExperimentConfig field in its source, by field name."
