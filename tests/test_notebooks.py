@@ -19,8 +19,17 @@ SKIP_FLAGS = {"slow", "gpu"}   # settings.ini's tst_flags: the cells nbdev_test 
 FIGURES = [
     ("04_collage", "make_collage(demo).resize"),
     ("04_collage", "col.resize((112, 112))"),
-    ("10_evaluate", "plot_per_class(r, "),
-    ("12_shapes", "_grid_image()"),
+    ("07_prototypes", 'ylabel="cos(p_0, start)"'),
+    ("09a_run_config", "sched = [cosine_lr(t, 40, 300) for t in range(301)]"),
+    ("09b_views", 'strip = Image.new("RGB", (6 * 40, 40), "white")'),
+    ("09f_train", 'steps_log = _read_jsonl(tmp/"run"/"steps.jsonl")'),
+    ("10_evaluate", 'buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=72)'),
+    ("12_shapes_world", "_strip = Image.new("),
+    ("12a_shapes", 'ax.set(ylabel="zero-shot top-1 %"'),
+    ("14_report", 'ipd.Image(filename="../docs/report.png"'),
+    ("90_experiment", 'for _name in ("per_class.png", "confusion.png")'),
+    ("92_ablations", 'Image(filename="../docs/shapes_data_efficiency.png"'),
+    ("93_premise", 'Image(filename="../docs/premise.png"'),
 ]
 # calls that return None by design: a cell ending in one of them shows nothing
 NO_DISPLAY = {"set_num_threads", "rmtree", "set_grad_checkpointing", "close", "tight_layout", "seed_everything"}
