@@ -39,8 +39,10 @@ CARRIED_PACKAGES = ("open_clip", "ftfy", "wcwidth", "bitsandbytes")
 def use_carried(folder=CARRIED) -> bool:
     """Put the carried packages' folder at the end of sys.path (what the machine has comes first); before transformers
     is imported, so that it sees bitsandbytes. True when the folder exists."""
+    global CARRIED
     folder = Path(folder)
     if not folder.is_dir(): return False
+    CARRIED = folder   # what `environment` reports as carried
     if str(folder) not in sys.path: sys.path.append(str(folder))
     return True
 

@@ -199,7 +199,7 @@ def test_corrupt_checkpoint_on_resume_is_one_line(domain, tmp_path):
     from latteclip_nb.experiment import ExperimentConfig, config_parser
     args = ["--dataset", root / "birds" / "unlabeled", "--classes-file", root / "classes.txt", "--method", "flyp_pl", *TINY_CLIP,
             "--num-workers", 0, "--batch-size", 4, "--max-steps", 1, "--device", "cpu", "--out-dir", tmp_path / "out"]
-    cfg = vars(config_parser().parse_args(list(map(str, args)))); cfg.pop("overwrite"); cfg.pop("print_config")
+    cfg = vars(config_parser().parse_args(list(map(str, args)))); [cfg.pop(k) for k in ("overwrite", "print_config", "report")]
     (tmp_path / "out" / "train").mkdir(parents=True)
     (tmp_path / "out" / "config.json").write_text(json.dumps(asdict(ExperimentConfig(**cfg))))
     (tmp_path / "out" / "train" / "checkpoint.pt").write_bytes(b"PK\x03\x04 torn")
