@@ -28,14 +28,21 @@ from latteclip_nb.captioners import (LLAVA_PINPOINTS, LlavaCaptioner, OpenAICapt
 PROMPT = "Describe the texture in the photo concisely, less than 20 words."  # a typical T_image prompt
 
 
+LLAVA_7B_VOCAB = 32064   # llava-hf/llava-v1.6-mistral-7b-hf's embedding and output rows
+
+
 def llava_7b_config(tokenizer, text_layers: int = 32, vision_layers: int = 24):
-    """LLaVA-1.6-Mistral-7B's architecture (hand-written; ids from `tokenizer`, whose vocabulary must be 32064)."""
+    """LLaVA-1.6-Mistral-7B's architecture (hand-written; ids from `tokenizer`, the vocabulary padded to the real 32064).
+
+    The tokenizer is trained on a few lines (a few hundred tokens); the embedding and the output layer still get the real
+    model's 32064 rows, so parameters, memory and the output layer's read per decoded token are the real model's."""
+    assert len(tokenizer) <= LLAVA_7B_VOCAB, f"tokenizer of {len(tokenizer)} tokens, more than {LLAVA_7B_VOCAB}"
     from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
                               num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
                               hidden_act="quick_gelu")
     text = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=text_layers, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=128, vocab_size=len(tokenizer), max_position_embeddings=32768,
+                         num_key_value_heads=8, head_dim=128, vocab_size=LLAVA_7B_VOCAB, max_position_embeddings=32768,
                          rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     return LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id,
@@ -44,7 +51,7 @@ def llava_7b_config(tokenizer, text_layers: int = 32, vision_layers: int = 24):
 
 
 def build_random_llava_7b(folder: Path, device, text_layers=32, vision_layers=24) -> Path:
-    """Save a random-weight LLaVA-1.6-Mistral-7B (fp16 on GPU, fp32 on CPU) with a 32064-word tokenizer, once."""
+    """Save a random-weight LLaVA-1.6-Mistral-7B (fp16 on GPU, fp32 on CPU; 32064 vocabulary rows), once."""
     from transformers import GenerationConfig, LlavaNextForConditionalGeneration
     if (folder / "config.json").exists() and (folder / "processor_config.json").exists(): return folder
     tokenizer = tiny_llava_tokenizer(vocab_size=32064)
@@ -53,10 +60,12 @@ def build_random_llava_7b(folder: Path, device, text_layers=32, vision_layers=24
     with torch.device(device):
         model = LlavaNextForConditionalGeneration._from_config(llava_7b_config(tokenizer, text_layers, vision_layers),
                                                                dtype=dtype)
+    rows = (model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
+    assert rows == (LLAVA_7B_VOCAB, LLAVA_7B_VOCAB), f"embedding/output rows {rows}, not {LLAVA_7B_VOCAB}"
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, do_sample=False)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    model.save_pretrained(tmp); model.generation_config.save_pretrained(tmp); tiny_llava_processor(tokenizer).save_pretrained(tmp)
+    model.save_pretrained(tmp, max_shard_size="4GB"); model.generation_config.save_pretrained(tmp); tiny_llava_processor(tokenizer).save_pretrained(tmp)
     os.replace(tmp, folder)
     n = sum(p.numel() for p in model.parameters())
     print(f"built {n / 1e9:.2f} B random parameters in {time.perf_counter() - t0:.0f} s -> {folder}", flush=True)

@@ -12,14 +12,16 @@ Not a test: it measures and reports, whatever the numbers are. One JSON file plu
    EpochBatches, collate_views, the train augmentation, num_workers = the cores): the loader alone, and the latteclip
    exact step fed by it, against the same step on GPU-resident tensors.
 3. caption: `LlavaCaptioner.describe` on LLaVA-1.6-Mistral-7B's architecture with random weights (saved once to a
-   temporary folder, loaded the way a downloaded checkpoint is): bf16, and NF4 when bitsandbytes imports; single view
-   and anyres; batch 64, 16, 1; every answer forced to 30 tokens; a photo and (anyres) the 672x672 group collage;
-   captions/s, prefill (a 1-token answer) and decode per token, peak GPU memory.
+   temporary folder, loaded the way a downloaded checkpoint is; the real 32064-row vocabulary; its content hash timed
+   apart): bf16, and NF4 when bitsandbytes and its CUDA library load; single view and anyres; batch 64, 16, 1; every
+   answer forced to 30 tokens; a photo and (anyres) the 672x672 group collage; captions/s, time to the first token,
+   decode per token (the median of every later token's interval), peak GPU memory.
 4. environment: GPU, torch, transformers, open_clip, bitsandbytes, Python, cores, git commit.
 
-Each section has a share of the time budget (--budget-s, default 450 s: the whole command, imports included, stays
-under 8 minutes); a measurement that would not fit in what is left is skipped and listed under "skipped" with its
-estimate.
+Packages the GPU machine lacks travel in bench/wheels/site (bench/fetch_wheels.sh), appended to sys.path at start.
+Each section has a share of the time budget (--budget-s, default 420 s: the whole command, imports included, stays
+near 7.5 minutes); a measurement that would not fit in what is left is skipped and listed under "skipped" with its
+estimate. The JSON is written after every section (and every caption setting).
 """
 import argparse, gc, json, math, os, platform, shutil, statistics, subprocess, sys, tempfile, time, traceback
 _T0 = time.perf_counter()   # before the heavy imports: the whole run is reported, not only the measured part
@@ -30,6 +32,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 for p in (str(ROOT), str(HERE)):   # the package from the working tree, and the sibling bench scripts
     if p not in sys.path: sys.path.insert(0, p)
+CARRIED = HERE / "wheels" / "site"   # bench/fetch_wheels.sh: open_clip, ftfy, wcwidth, bitsandbytes (CUDA 13.0 library)
+CARRIED_PACKAGES = ("open_clip", "ftfy", "wcwidth", "bitsandbytes")
+
+
+def use_carried(folder=CARRIED) -> bool:
+    """Put the carried packages' folder at the end of sys.path (what the machine has comes first); before transformers
+    is imported, so that it sees bitsandbytes. True when the folder exists."""
+    folder = Path(folder)
+    if not folder.is_dir(): return False
+    if str(folder) not in sys.path: sys.path.append(str(folder))
+    return True
 
 import numpy as np
 import torch
@@ -136,6 +149,20 @@ def peak_gib(device):
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
 
 
+def bitsandbytes_status(device) -> tuple:
+    """(bitsandbytes version or None, one line on its native library: the library loaded, or why NF4 cannot run)."""
+    try: import bitsandbytes
+    except Exception as e: return None, f"bitsandbytes does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if device.type != "cuda": return bitsandbytes.__version__, "not checked off CUDA"
+    try:
+        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+        if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
+            msg = [l.strip() for l in str(getattr(lib, "error_msg", "")).splitlines() if l.strip()]
+            return bitsandbytes.__version__, f"its CUDA library does not load: {msg[0] if msg else 'no reason given'}"
+        return bitsandbytes.__version__, f"loaded {Path(getattr(getattr(lib, '_lib', None), '_name', '?')).name}"
+    except Exception as e: return bitsandbytes.__version__, f"library not checked ({type(e).__name__}: {e})"
+
+
 def environment(device, commit=None) -> dict:
     import transformers
     env = dict(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -147,9 +174,10 @@ def environment(device, commit=None) -> dict:
     try:
         import open_clip; env["open_clip"] = open_clip.__version__
     except ImportError: env["open_clip"] = None
-    try:
-        import bitsandbytes; env["bitsandbytes"] = bitsandbytes.__version__
-    except Exception: env["bitsandbytes"] = None   # absent, or present but without a usable CUDA build
+    env["bitsandbytes"], env["bitsandbytes_library"] = bitsandbytes_status(device)
+    # the packages imported from the carried folder (bench/wheels/site), not from the machine's own environment
+    env["carried"] = sorted(n for n in CARRIED_PACKAGES if n in sys.modules and sys.modules[n] is not None
+                            and Path(getattr(sys.modules[n], "__file__", None) or "/").resolve().is_relative_to(CARRIED.resolve()))
     env["git_commit"], env["git_dirty"] = commit, None
     if commit is None:
         try:
@@ -265,7 +293,20 @@ def loader_section(args, budget, device, res, state):
     t = time.perf_counter(); ims = [load_image(p) for p in split.paths[:k]]; decode = (time.perf_counter() - t) / k
     t = time.perf_counter(); [train_tf(im) for im in ims]; augment = (time.perf_counter() - t) / k
     views = SeededViews(split, train_tf, 0)
-    t = time.perf_counter(); [views[(0, i)] for i in range(k)]; per_image = (time.perf_counter() - t) / k
+    t = time.perf_counter(); first_views = [views[(0, i)] for i in range(k)]; per_image = (time.perf_counter() - t) / k
+    # workers hand their batches over in shared memory (/dev/shm), `prefetch_factor` (2) batches each in flight: at
+    # batch 512 that is ~0.3 GB a batch, so 16 workers want ~10 GB; fewer workers when /dev/shm is smaller
+    batch_gib = B * first_views[0][0].numel() * first_views[0][0].element_size() / 2**30
+    shm = shm_usage()
+    W_asked = W
+    if W > 0 and shm is not None:
+        W = min(W, int(0.8 * shm[1] / (2 * batch_gib)))
+        if W < 1:
+            budget.skip("loader: every measurement", f"/dev/shm has {shm[1]:.2f} GiB free, one worker's two batches in "
+                        f"flight need {2 * batch_gib:.2f} GiB: give the machine a larger /dev/shm")
+            res["loader"] = dict(batch=B, num_workers_asked=W_asked, batch_mib=round(batch_gib * 1024, 3),
+                                 shm_total_gib=round(shm[0], 2), shm_free_gib=round(shm[1], 2))
+            return
     expect = W / per_image   # what W workers could give if nothing else limited them
     sampler = EpochBatches(len(split), B, 1, 0, True)
     # the DataLoader `train` builds, with the same arguments
@@ -274,22 +315,32 @@ def loader_section(args, budget, device, res, state):
     n_epoch = sampler.steps_per_epoch * B
     out = dict(files=state["n_files"], file_size=list(args.jpeg_size), jpeg_mib=state["jpeg_mib"], write_s=state["write_s"],
                split_images=len(split), steps_per_epoch=sampler.steps_per_epoch, batch=B, num_workers=W,
-               pin_memory=device.type == "cuda", augmentation="clip.make_train_transform (RandomResizedCrop 0.9-1, "
+               num_workers_asked=W_asked, pin_memory=device.type == "cuda",
+               augmentation="clip.make_train_transform (RandomResizedCrop 0.9-1, "
                "ColorJitter p=.8, grayscale p=.2)", decode_ms_per_image=round(1000 * decode, 2),
                augment_ms_per_image=round(1000 * augment, 2), view_ms_per_image=round(1000 * per_image, 2),
-               workers_bound_images_per_s=round(expect, 1))
+               workers_bound_images_per_s=round(expect, 1), batch_mib=round(batch_gib * 1024, 3),
+               shm_total_gib=None if shm is None else round(shm[0], 2), shm_free_gib=None if shm is None else round(shm[1], 2),
+               shm_need_gib=round(2 * W * batch_gib, 2))
+    if W < W_asked:
+        out["shm_bounded"] = (f"{W} workers, not {W_asked}: /dev/shm has {shm[1]:.1f} GiB free and each worker keeps two "
+                              f"{batch_gib:.2f} GiB batches in flight")
+        print(f"  {out['shm_bounded']}", flush=True)
     res["loader"] = out
+    watch = ShmWatch()
 
     def epoch(e, consume=None):
         sampler.set_epoch(e)
         t0 = time.perf_counter(); n = 0; first = None
-        for batch in loader:
-            if batch is None: continue
-            if consume is not None: consume(batch, e)
-            n += len(batch[1])
-            if first is None: first = (time.perf_counter() - t0, n)
-        sync(device)
+        with watch:
+            for batch in loader:
+                if batch is None: continue
+                if consume is not None: consume(batch, e)
+                n += len(batch[1])
+                if first is None: first = (time.perf_counter() - t0, n)
+            sync(device)
         total = time.perf_counter() - t0
+        out["shm_peak_gib"] = watch.peak_gib
         after = (n - first[1]) / max(1e-9, total - first[0]) if first and n > first[1] else None
         return n, total, first[0] if first else None, after
 
@@ -327,7 +378,45 @@ def loader_section(args, budget, device, res, state):
     del loader
 
 
+def shm_usage(path="/dev/shm"):
+    """(total, free) GiB of the shared-memory file system the DataLoader's workers use; None where there is none."""
+    try: u = shutil.disk_usage(path)
+    except OSError: return None
+    return u.total / 2**30, u.free / 2**30
+
+
+class ShmWatch:
+    """Samples /dev/shm's use every 50 ms while in a `with` block; `peak_gib`: the most used above the start, or None."""
+    def __init__(self): self.peak_gib, self._stop = None, None
+
+    def __enter__(self):
+        import threading
+        start = shm_usage()
+        if start is None: return self
+        base, self._stop = start[0] - start[1], threading.Event()
+
+        def poll():
+            while not self._stop.wait(0.05):
+                u = shm_usage()
+                if u is not None: self.peak_gib = round(max(self.peak_gib or 0.0, u[0] - u[1] - base), 3)
+        self._thread = threading.Thread(target=poll, daemon=True); self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._stop is not None: self._stop.set(); self._thread.join()
+        self._stop = None
+
+
 # ------------------------------------------------------------------------------------------------------ caption
+class StepClock:
+    """A `generate` logits processor that records when each answer token's logits are ready (after a device sync)."""
+    def __init__(self, device): self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        sync(self.device); self.times.append(time.perf_counter())
+        return scores
+
+
 def caption_section(args, budget, device, res, state):
     out = dict(runs=[], answer_tokens=args.answer_tokens)
     res["caption"] = out
@@ -337,6 +426,7 @@ def caption_section(args, budget, device, res, state):
         budget.skip("caption: every run", f"latteclip_nb.captioners does not import ({e})")
         out["error"] = f"import failed: {e}"
         return
+    from transformers import LogitsProcessorList
     from latteclip_nb.collage import make_collage
     from latteclip_nb.data import get_spec
     from latteclip_nb.prompts import group_prompt, image_prompt, llava_chat
@@ -353,6 +443,13 @@ def caption_section(args, budget, device, res, state):
                         f"{args.llava_vision_layers} CLIP layers)")
     out["build_and_save_s"] = round(time.perf_counter() - t0, 1)
     out["checkpoint_mib"] = round(sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20, 2)
+    # the captioner names its model by a content hash of the checkpoint: hashed here once, apart from the loads (which
+    # then find the hashes memoised by size, mtime and inode)
+    t0 = time.perf_counter()
+    out["fingerprint"] = captioners.model_fingerprint(folder)
+    out["fingerprint_s"] = round(time.perf_counter() - t0, 2)
+    print(f"  checkpoint {out['checkpoint_mib'] / 1024:.1f} GiB built and saved in {out['build_and_save_s']} s, "
+          f"hashed in {out['fingerprint_s']} s", flush=True)
     if device.type == "cuda": torch.cuda.empty_cache()
     spec = get_spec("dtd")
     photo_prompt, collage_prompt = image_prompt(spec), group_prompt(spec)
@@ -362,22 +459,30 @@ def caption_section(args, budget, device, res, state):
     collages = [make_collage([synthetic_photo(20_000 + 4 * i + j) for j in range(4)], size=672) for i in range(pool)]
     inputs = {"photo": (photos, photo_prompt), "collage": (collages, collage_prompt)}
     precisions = ["bf16" if device.type == "cuda" else "fp32"]
-    if device.type == "cuda" and state["env"].get("bitsandbytes"): precisions.append("nf4")
-    else: budget.skip("caption: NF4", "bitsandbytes does not import" if device.type == "cuda" else "NF4 needs CUDA")
+    bnb_line = state["env"].get("bitsandbytes_library") or ""
+    if device.type != "cuda": budget.skip("caption: NF4", "NF4 needs CUDA")
+    elif not state["env"].get("bitsandbytes"): budget.skip("caption: NF4", bnb_line or "bitsandbytes does not import")
+    elif bnb_line.startswith("its CUDA library does not load"): budget.skip("caption: NF4", f"bitsandbytes {bnb_line}")
+    else: precisions.append("nf4")
     N = args.answer_tokens
     load_est, per_caption = 60.0, {}
+    clock = StepClock(device)
 
-    def describe_batches(cap, images, prompt, B, n_batches, tokens, start=0):
-        """Seconds of each of `n_batches` describe() calls of B images (taken cyclically from `start`), and the answers."""
-        cap.max_new_tokens, cap.generate_kwargs = tokens, {**cap.generate_kwargs, "min_new_tokens": tokens}
-        cap.batch_size = B
-        ts, answers = [], []
+    def describe_batches(cap, images, prompt, B, n_batches, start=0):
+        """describe() on `n_batches` batches of B images (taken cyclically from `start`): per batch (seconds, seconds
+        to the first answer token, the seconds between the later tokens), and the answers."""
+        cap.max_new_tokens, cap.batch_size = N, B
+        cap.generate_kwargs = {**cap.generate_kwargs, "min_new_tokens": N, "logits_processor": LogitsProcessorList([clock])}
+        runs, answers = [], []
         for b in range(n_batches):
             batch = [images[(start + b * B + j) % len(images)] for j in range(B)]
+            clock.times = []
             sync(device); t = time.perf_counter()
             answers += cap.describe(batch, [prompt] * B)
-            sync(device); ts.append(time.perf_counter() - t)
-        return ts, answers
+            sync(device); end = time.perf_counter()
+            ts = clock.times
+            runs.append((end - t, (ts[0] if ts else end) - t, [y - x for x, y in zip(ts, ts[1:])]))
+        return runs, answers
 
     for precision in precisions:
         for view in ("single", "anyres"):
@@ -385,12 +490,20 @@ def caption_section(args, budget, device, res, state):
             if not budget.fits(f"caption: loading {precision} {view}", load_est * (2 if precision == "nf4" else 1) + 5): continue
             reset_peak(device)
             t0 = time.perf_counter()
-            cap = captioners.LlavaCaptioner(str(folder), single_view=view == "single", quantize=precision, device=device,
-                                            max_new_tokens=N, generate_kwargs={"min_new_tokens": N})
+            try:
+                cap = captioners.LlavaCaptioner(str(folder), single_view=view == "single", quantize=precision, device=device,
+                                                max_new_tokens=N, generate_kwargs={"min_new_tokens": N})
+            except Exception as e:
+                if precision != "nf4": raise
+                line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                budget.skip("caption: NF4", f"bitsandbytes cannot load the model ({type(e).__name__}: {line})")
+                break   # the other view would fail the same way
             load_s = time.perf_counter() - t0
             load_est = load_s if precision != "nf4" else load_est
             load_peak_gib = peak_gib(device)
             cfg = cap.model.config
+            out.setdefault("vocab_size", cfg.text_config.vocab_size)
+            if not args.tiny: assert cfg.text_config.vocab_size == 32064, f"vocabulary {cfg.text_config.vocab_size}, not 32064"
             image_token = getattr(cfg, "image_token_id", None) or cfg.image_token_index
             tokens = {}
             for kind in kinds:   # image tokens per item and prompt length, from the captioner's own processor
@@ -403,36 +516,42 @@ def caption_section(args, budget, device, res, state):
                     images, prompt = inputs[kind]
                     n_image_tokens, prompt_tokens = tokens[kind]
                     n_batches = args.caption_reps if B > 1 else max(args.caption_reps, 3)
-                    est = _caption_estimate(per_caption, precision, view, kind, B, n_image_tokens, n_batches)
+                    est = _caption_estimate(per_caption, precision, view, kind, B, n_image_tokens, n_batches, warmed)
                     what = f"caption: {precision} {view} {kind} batch {B}"
                     if est is not None and not budget.fits(what, est): continue
                     if est is None and budget.left() < 10: budget.skip(what, "less than 10 s left"); continue
                     reset_peak(device)
                     warm = None
                     if not warmed:   # once per loaded model: kernels, the allocator's pools
-                        warm = describe_batches(cap, images, prompt, B, 1, N)[0][0]; warmed = True
-                    full, answers = describe_batches(cap, images, prompt, B, n_batches, N, start=B)
-                    pre, _ = describe_batches(cap, images, prompt, B, n_batches, 1, start=B)
-                    t_full, t_pre = statistics.median(full), statistics.median(pre)
-                    decode = max(0.0, t_full - t_pre) / max(1, N - 1)
+                        warm = describe_batches(cap, images, prompt, B, 1)[0][0][0]; warmed = True
+                    runs, answers = describe_batches(cap, images, prompt, B, n_batches, start=B)
+                    t_full = statistics.median(r[0] for r in runs)
+                    t_first = statistics.median(r[1] for r in runs)
+                    steps = [x for r in runs for x in r[2]]   # every later token of every timed batch: one sample each
+                    decode = statistics.median(steps) if steps else 0.0
+                    q = statistics.quantiles(steps, n=10) if len(steps) >= 2 else [decode] * 9
                     row = dict(precision=cap.precision, view=view, image=kind, batch=B, batches=n_batches,
                                image_tokens=n_image_tokens, prompt_tokens=prompt_tokens, answer_tokens=N,
                                median_batch_s=round(t_full, 4), captions_per_s=round(B / t_full, 3),
-                               prefill_s=round(t_pre, 4), decode_s_per_token=round(decode, 5),
+                               prefill_s=round(t_first, 4), decode_s_per_token=round(decode, 5),
+                               decode_p10_p90_s=[round(q[0], 5), round(q[-1], 5)], decode_samples=len(steps),
                                decode_tokens_per_s=round(B / decode, 1) if decode > 0 else None,
-                               prefill_share=round(t_pre / t_full, 3), warmup_s=None if warm is None else round(warm, 3),
+                               prefill_share=round(t_first / t_full, 3), warmup_s=None if warm is None else round(warm, 3),
                                mean_words=round(statistics.mean(len(a.split()) for a in answers), 1),
                                load_s=round(load_s, 1), load_peak_gib=load_peak_gib, peak_mem_gib=peak_gib(device))
                     out["runs"].append(row)
-                    per_caption[(precision, view, kind, B)] = (t_full, t_pre, n_image_tokens)
+                    if "save" in state: state["save"]()   # every caption setting is on disk as soon as it is measured
+                    per_caption[(precision, view, kind, B)] = (t_full, t_first, n_image_tokens)
                     print(f"  caption {precision:4s} {view:6s} {kind:7s} batch {B:3d}: {row['captions_per_s']:8.2f} captions/s "
-                          f"(prefill {t_pre:.3f} s, decode {1000 * decode:.2f} ms/token)", flush=True)
+                          f"(first token {t_first:.3f} s, decode {1000 * decode:.2f} ms/token over {len(steps)} tokens)",
+                          flush=True)
             del cap
+            gc.collect()
             if device.type == "cuda": torch.cuda.empty_cache()
 
 
-def _caption_estimate(per_caption, precision, view, kind, B, image_tokens, n_batches):
-    """Seconds a caption setting will take (warm-up + timed + prefill-only batches), from the closest one measured."""
+def _caption_estimate(per_caption, precision, view, kind, B, image_tokens, n_batches, warmed=True):
+    """Seconds a caption setting will take (its warm-up if due, and the timed batches), from the closest one measured."""
     same = [(k, v) for k, v in per_caption.items() if k[0] == precision]
     if not same: same = list(per_caption.items())
     if not same: return None
@@ -440,7 +559,7 @@ def _caption_estimate(per_caption, precision, view, kind, B, image_tokens, n_bat
     scale = max(1.0, image_tokens / max(1, toks))
     pre = t_pre * scale * B / b
     full = pre + (t_full - t_pre) * max(1.0, scale) * max(1.0, math.sqrt(B / b))
-    return 1.3 * (full * (n_batches + 1) + pre * n_batches) + (5 if precision == "nf4" else 0)
+    return 1.3 * full * (n_batches + (0 if warmed else 1)) + (5 if precision == "nf4" else 0)
 
 
 # -------------------------------------------------------------------------------------------------------- main
@@ -506,7 +625,7 @@ def parse(argv=None):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny configs on CPU in seconds (the test suite's run)")
     p.add_argument("--device", default=None, help="default: cuda if available (--tiny: cpu)")
-    p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 450; --tiny: 120)")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 420; --tiny: 120)")
     p.add_argument("--sections", default="train,loader,caption")
     p.add_argument("--model", default=None, help="open_clip architecture (default ViT-B-32; --tiny: latte-tiny)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default 512; --tiny: 16)")
@@ -524,9 +643,11 @@ def parse(argv=None):
     p.add_argument("--work-dir", default=None, help="temporary files (JPEGs, the random checkpoint); default: a new temp folder")
     p.add_argument("--keep-work", action="store_true", help="keep --work-dir afterwards")
     p.add_argument("--commit", default=None, help="git commit to record when the tree has no .git")
+    p.add_argument("--carried", default=str(CARRIED),
+                   help="folder of carried packages put at the end of sys.path when it exists (bench/fetch_wheels.sh)")
     a = p.parse_args(argv)
     tiny = a.tiny
-    for name, full, small in [("budget_s", 450.0, 120.0), ("model", "ViT-B-32", "latte-tiny"), ("batch", 512, 16),
+    for name, full, small in [("budget_s", 420.0, 120.0), ("model", "ViT-B-32", "latte-tiny"), ("batch", 512, 16),
                               ("classes", 47, 8), ("reps", 20, 3), ("warmup", 3, 1), ("files", 4096, 32),
                               ("jpeg_size", [500, 375], [160, 120]), ("workers", cores(), 1),
                               ("caption_batches", "64,16,1", "2,1"), ("caption_reps", 2, 1)]:
@@ -539,22 +660,36 @@ def parse(argv=None):
     return a
 
 
+def save(res, out_path, budget, device, finished: bool):
+    """Write the JSON as it stands (after every section, so a run cut short still reports what it measured)."""
+    res["section_s"], res["skipped"] = dict(budget.spent), list(budget.skipped)
+    res["wall_s"] = round(budget.elapsed(), 1)
+    res["process_s"] = round(time.perf_counter() - _T0, 1)   # with the imports
+    res["finished"] = finished
+    res["targets"] = targets(res, applies=res["mode"] == "full" and device is not None and device.type == "cuda")
+    from latteclip_nb.core import atomic_write_json
+    atomic_write_json(out_path, res)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     out_path = Path(args.out)
     if out_path.exists() and not args.overwrite:
         print(f"{out_path} exists: pass another --out, or --overwrite to replace it", file=sys.stderr); return 2
+    use_carried(args.carried)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()   # no per-shard loading bars in the log
     try: import open_clip  # noqa: F401
     except ImportError:
-        print("open_clip is not installed: pip install --no-index --no-deps bench/wheels/*.whl "
-              "(bench/fetch_wheels.sh downloads them where there is a registry)", file=sys.stderr); return 2
-    from latteclip_nb.core import atomic_write_json, get_device
+        print(f"open_clip is not installed and not carried in {args.carried}: run bench/fetch_wheels.sh where there is "
+              "a registry and carry bench/wheels", file=sys.stderr); return 2
+    from latteclip_nb.core import get_device
     budget = Budget(args.budget_s, SHARES)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="latteclip-gpucheck-"))
     work.mkdir(parents=True, exist_ok=True)
     res = dict(schema=SCHEMA, mode="tiny" if args.tiny else "full", started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                argv=sys.argv[1:] if argv is None else list(argv), budget_s=args.budget_s, skipped=[], errors=[])
-    state = {"work": work}
+    state, device = {"work": work}, None
     try:
         # start-up: the JPEGs first, before CUDA is initialised in this process
         budget.start("startup")
@@ -577,6 +712,8 @@ def main(argv=None) -> int:
         wrote = f", {len(jobs)} JPEGs ({state['jpeg_mib']} MiB) in {state['write_s']} s" if jobs else ""
         print(f"gpu_check: {device} {res['environment']['gpu'] or ''}{wrote}, budget {args.budget_s:.0f} s", flush=True)
         budget.end()
+        save(res, out_path, budget, device, finished=False)
+        state["save"] = lambda: save(res, out_path, budget, device, finished=False)
         for name, fn in (("train", train_section), ("loader", loader_section), ("caption", caption_section)):
             if name not in args.sections: continue
             if name == "caption":   # the captioner's peak memory is measured without the training state beside it
@@ -590,15 +727,12 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 res["errors"].append(dict(section=name, error=f"{type(e).__name__}: {e}"))
             budget.end()
+            save(res, out_path, budget, device, finished=False)
             if device.type == "cuda": torch.cuda.empty_cache()
     finally:
         state.clear()
         if not args.keep_work: shutil.rmtree(work, ignore_errors=True)
-    res["section_s"], res["skipped"] = budget.spent, budget.skipped
-    res["wall_s"] = round(budget.elapsed(), 1)
-    res["process_s"] = round(time.perf_counter() - _T0, 1)   # with the imports
-    res["targets"] = targets(res, applies=res["mode"] == "full" and device.type == "cuda")
-    atomic_write_json(out_path, res)
+    save(res, out_path, budget, device, finished=True)
     print_table(res)
     print(f"\nwrote {out_path}")
     return 1 if res["errors"] else 0

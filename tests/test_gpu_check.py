@@ -22,7 +22,7 @@ def report(tmp_path_factory):
 
 def test_environment_and_bookkeeping(report):
     res, stdout = report
-    assert res["schema"] == gpu_check.SCHEMA and res["mode"] == "tiny" and res["errors"] == []
+    assert res["schema"] == gpu_check.SCHEMA and res["mode"] == "tiny" and res["errors"] == [] and res["finished"] is True
     env = res["environment"]
     import torch, transformers, open_clip
     assert env["device"] == "cpu" and env["gpu"] is None and env["gpu_memory_gib"] is None
@@ -72,17 +72,29 @@ def test_loader_section(report):
     assert ld["resident_images_per_s"] == res["train"]["methods"]["latteclip_exact"]["images_per_s"]
     assert math.isclose(ld["fed_over_resident"], ld["fed_images_per_s"] / ld["resident_images_per_s"], rel_tol=1e-2)
     assert isinstance(ld["keeps_up"], bool) and ld["statement"]
+    # the workers' shared memory: what one batch takes (16 float32 views of 3 x side x side), what they keep in flight
+    side = res["train"]["image_size"]
+    assert math.isclose(ld["batch_mib"], 16 * 3 * side * side * 4 / 2**20, rel_tol=1e-2)
+    if ld["shm_free_gib"] is not None:
+        assert ld["shm_need_gib"] <= 0.8 * ld["shm_free_gib"] and ld["num_workers"] == ld["num_workers_asked"] == 1
 
 
 def test_caption_section(report):
     cap = report[0]["caption"]
     assert cap["answer_tokens"] == 30 and cap["checkpoint_mib"] > 0
+    # the checkpoint's content hash is timed apart from the loads
+    assert len(cap["fingerprint"]) == 12 and cap["fingerprint_s"] >= 0
+    assert cap["vocab_size"] % 64 == 0   # the tiny model pads its embedding to 64 rows (the 7B build: 32064)
     rows = {(r["view"], r["image"], r["batch"]): r for r in cap["runs"]}
     assert set(rows) == {(v, k, b) for v, k in [("single", "photo"), ("anyres", "photo"), ("anyres", "collage")] for b in (2, 1)}
     for r in rows.values():
         assert r["precision"] == "fp32" and r["peak_mem_gib"] is None
         assert math.isclose(r["captions_per_s"], r["batch"] / r["median_batch_s"], rel_tol=2e-3)
-        assert r["prefill_s"] > 0 and r["decode_s_per_token"] >= 0 and r["mean_words"] > 0
+        assert r["prefill_s"] > 0 and r["decode_s_per_token"] > 0 and r["mean_words"] > 0
+        # decode time per token: the median of every later token's own interval, from every timed batch
+        assert r["decode_samples"] == r["batches"] * (r["answer_tokens"] - 1)
+        assert r["decode_p10_p90_s"][0] <= r["decode_s_per_token"] <= r["decode_p10_p90_s"][1]
+        assert r["prefill_s"] + (r["answer_tokens"] - 1) * r["decode_p10_p90_s"][0] <= r["median_batch_s"] * 1.05
     # LLaVA-1.6 geometry: single view (336/14)^2 = 576 tokens; anyres adds the tiles of the best grid with one newline
     # per row: a 672x672 collage -> 2x2 tiles = 48x48 patches + 48 newlines -> 576 + 2352 = 2928; a 500x375 photo -> 2340
     assert {k: r["image_tokens"] for k, r in rows.items() if k[2] == 1} == {
@@ -126,3 +138,83 @@ def test_needs_neither_openai_nor_papermill(tmp_path):
     res = json.loads(out.read_text())
     assert res["errors"] == [] and res["train"]["methods"]["latteclip_exact"]["images_per_s"] > 0
     assert res["loader"]["fed_images_per_s"] > 0 and "caption" not in res
+
+
+def test_7b_config_has_the_real_vocabulary():
+    # the tokenizer is trained on a few lines (a few hundred tokens); the embedding and output rows are the real 32064
+    from caption_throughput import LLAVA_7B_VOCAB, llava_7b_config
+    from latteclip_nb.captioners import tiny_llava_tokenizer
+    tok = tiny_llava_tokenizer(vocab_size=32064)
+    cfg = llava_7b_config(tok, text_layers=1, vision_layers=1)
+    assert len(tok) < 1000 and LLAVA_7B_VOCAB == 32064 and cfg.text_config.vocab_size == 32064
+    assert cfg.text_config.hidden_size == 4096 and cfg.text_config.num_key_value_heads == 8
+
+
+class _Cut(BaseException):
+    """A run stopped from outside (a time limit), after the train section."""
+
+
+def test_json_written_after_every_section(tmp_path, monkeypatch):
+    def cut(*a, **kw): raise _Cut()
+    monkeypatch.setattr(gpu_check, "loader_section", cut)
+    out = tmp_path / "cut.json"
+    with pytest.raises(_Cut):
+        gpu_check.main(["--tiny", "--sections", "train,loader", "--reps", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["finished"] is False and res["train"]["methods"]["latteclip_exact"]["images_per_s"] > 0
+    assert "loader" not in res and res["section_s"]["train"] > 0
+
+
+def test_bitsandbytes_status_off_cuda():
+    import torch
+    version, line = gpu_check.bitsandbytes_status(torch.device("cpu"))
+    assert line and (version is None) == line.startswith("bitsandbytes does not import")
+
+
+# ------------------------------------------------------------------ the GPU machine, simulated on this CPU
+# The machine has torch, transformers, timm and the rest, but open_clip, ftfy, wcwidth and bitsandbytes only as the
+# carried folder (bench/wheels/site, from bench/fetch_wheels.sh), and neither openai nor papermill. Where that folder
+# has not been fetched, a stand-in is copied from this environment's packages (their Python files: the mechanism is
+# the same).
+_ONLY_CARRIED = """
+import importlib.machinery, runpy, sys
+carried, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+NAMES = {"open_clip", "ftfy", "wcwidth", "bitsandbytes"}
+class OnlyCarried:
+    def find_spec(self, name, path=None, target=None):
+        if name not in NAMES: return None
+        spec = importlib.machinery.PathFinder.find_spec(name, [carried])
+        if spec is None: raise ModuleNotFoundError(f"No module named {name!r} (not carried)", name=name)
+        return spec
+sys.meta_path.insert(0, OnlyCarried())
+sys.modules["openai"] = None; sys.modules["papermill"] = None
+sys.argv = [script, *argv]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _carried(tmp_path) -> Path:
+    if (gpu_check.CARRIED / "open_clip").is_dir() and (gpu_check.CARRIED / "bitsandbytes").is_dir(): return gpu_check.CARRIED
+    import importlib.util, shutil
+    site = tmp_path / "site"
+    for name in ("open_clip", "ftfy", "wcwidth", "bitsandbytes"):
+        src = importlib.util.find_spec(name).submodule_search_locations[0]
+        shutil.copytree(src, site / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    return site
+
+
+def test_simulated_gpu_machine_runs_every_section(tmp_path):
+    carried = _carried(tmp_path)
+    out = tmp_path / "box.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", _ONLY_CARRIED, str(carried), str(SCRIPT), "--tiny", "--reps", "1",
+                        "--carried", str(carried), "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == [] and res["finished"] is True
+    # every package the machine lacks came from the carried folder
+    assert res["environment"]["carried"] == ["bitsandbytes", "ftfy", "open_clip", "wcwidth"]
+    assert res["environment"]["bitsandbytes"] and res["environment"]["open_clip"]
+    assert res["train"]["methods"]["latteclip_exact"]["images_per_s"] > 0 and res["loader"]["fed_images_per_s"] > 0
+    assert len(res["caption"]["runs"]) == 6 and any("NF4" in s["what"] for s in res["skipped"])
