@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from open_clip.transform import AugmentationCfg
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .core import atomic_write_bytes, atomic_write_json, cache_root, file_keys, get_device, log, read_json
@@ -161,21 +162,29 @@ def _embed_dim(model) -> int:
     return int(d) if d is not None else int(model.text_projection.shape[-1])
 
 @torch.no_grad()
-def encode_images(model, dataset, batch_size: int = 256, num_workers: int = 0, device=None, desc: str = "encode images") -> torch.Tensor:
+def encode_images(model, dataset, batch_size: int = 256, num_workers: int = 0, device=None, desc: str = "encode images",
+                  shard: bool = False,  # split the images across the process group's ranks; every rank gets all rows
+                  ) -> torch.Tensor:
     """Unit-norm image embeddings [N, D] (CPU, float32) of an `ImageDataset`; rows of unreadable images are zero."""
     device = _device_of(model, device)
     n = len(dataset)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_skip,
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shard and dist.is_available() and dist.is_initialized() else (0, 1)
+    part = Subset(dataset, range(rank * n // world, (rank + 1) * n // world)) if world > 1 else dataset
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_skip,
                         pin_memory=device.type == "cuda")
     feats, seen = torch.zeros(n, _embed_dim(model)), torch.zeros(n, dtype=torch.bool)
-    with _eval_mode(model), tqdm(total=n, desc=desc, unit="img", leave=False) as bar:
+    with _eval_mode(model), tqdm(total=len(part), desc=desc, unit="img", leave=False, disable=rank != 0) as bar:
         for b, batch in enumerate(loader):
-            bar.update(min(batch_size, n - b * batch_size))
+            bar.update(min(batch_size, len(part) - b * batch_size))
             if batch is None: continue
             x, idx = batch
             with _autocast(device): f = model.encode_image(x.to(device, non_blocking=True))
             feats[idx] = F.normalize(f.float(), dim=-1).cpu()
             seen[idx] = True
+    if world > 1:   # the shards' rows are disjoint: a sum is their union, exactly (CPU tensors: gloo serves them)
+        seen = seen.to(torch.int32)
+        dist.all_reduce(feats); dist.all_reduce(seen)
+        seen = seen > 0
     missing = (~seen).nonzero().flatten().tolist()
     if missing:
         if hasattr(dataset, "bad"): dataset.bad.update(missing)

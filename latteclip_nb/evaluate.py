@@ -47,6 +47,7 @@ def evaluate(
     batch_size: int = 256,
     device=None,
     num_workers: int = 0,
+    shard: bool = False,   # encode the images split across the process group's ranks (every rank gets the result)
 ) -> dict:                 # top1, per_class, confusion, preds, labels, n, unreadable
     """Top-1 and per-class accuracy and the confusion matrix of `model` + `classifier` on a labeled split."""
     if split.labels is None: raise ValueError(f"evaluate needs a labeled split; {split!r} has no labels")
@@ -54,7 +55,7 @@ def evaluate(
     if W.shape[0] != len(split.classnames):
         raise ValueError(f"classifier has {W.shape[0]} class vectors but the split has {len(split.classnames)} classes")
     ds = ImageDataset(split, eval_transform)
-    V = encode_images(model, ds, batch_size=batch_size, num_workers=num_workers, device=device, desc="evaluate")
+    V = encode_images(model, ds, batch_size=batch_size, num_workers=num_workers, device=device, desc="evaluate", shard=shard)
     preds = (V @ W.T).argmax(dim=1)
     if ds.bad: preds[sorted(ds.bad)] = -1
     return accuracy_report(preds, torch.tensor(split.labels), len(split.classnames))

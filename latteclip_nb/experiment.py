@@ -402,8 +402,9 @@ def _init_distributed(device):
     "Join the torchrun process group when WORLD_SIZE > 1; returns (rank, world, device)."
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and torch.cuda.is_available():  # each rank on its own GPU (captioner, CLIP and every collective's tensors)
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local); device = torch.device("cuda", local)
+        from latteclip_nb.train import rank_device   # an explicit device (cpu, cuda:1) is kept
+        device = rank_device(device, int(os.environ.get("RANK", "0")), world)
+        if device.type == "cuda": torch.cuda.set_device(device.index)
     if world > 1 and not dist.is_initialized():
         # NCCL only takes CUDA tensors; gloo serves any CPU tensor a collective is handed (barriers, small counts)
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
@@ -456,11 +457,24 @@ def _previous_run(out: Path, cfg: ExperimentConfig, overwrite: bool, rank: int):
 
 def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     """Run one experiment end to end and return (and write) its metrics."""
-    from latteclip_nb.clip import load_clip, text_classifier, zero_shot_pseudo_labels
-    from latteclip_nb.prompts import class_description
     t0 = time.time()
     cfg.validate()   # every mistake that can be seen now is reported now, before any model is loaded
+    owned = not (dist.is_available() and dist.is_initialized())   # the group this call creates, it also ends
     rank, world, device = _init_distributed(get_device(cfg.device or None))
+    if world > 1 and cfg.method not in _TRAIN_METHODS:
+        # zeroshot, llava_zs and reclip are one process's work: rank 0 runs it alone, without a group; the others leave
+        if not owned: raise ValueError(f"method={cfg.method!r} runs in one process: call run_experiment outside a process group")
+        dist.destroy_process_group()
+        if rank != 0: return {}
+        world = 1
+    try: return _run(cfg, overwrite, rank, world, device, t0)
+    finally:
+        if owned and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+
+def _run(cfg, overwrite, rank, world, device, t0):
+    "run_experiment's body, inside the process group (if any)."
+    from latteclip_nb.clip import load_clip, text_classifier, zero_shot_pseudo_labels
+    from latteclip_nb.prompts import class_description
     seed_everything(cfg.seed)
     spec, sp = resolve_data(cfg)
     spec = recipe_spec(cfg, spec)   # the recipe's class template, for c_zs, the prototypes and the zero-shot baseline
@@ -491,7 +505,7 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         metrics["world"] = dict(seed=spec.world.seed, key=spec.world.key(), describer_errors={k: getattr(spec, k) for k in DESCRIBER_ERRORS})
     from latteclip_nb.evaluate import accuracy_report, evaluate
     zs = evaluate(model, eval_tf, test_split, text_classifier(model, tokenizer, classnames, [spec.template], device=device),
-                  batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers)
+                  batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers, shard=world > 1)
     metrics["zeroshot_top1"] = _pct(zs["top1"])
     history, captioner_id = None, None
     if cfg.method == "zeroshot":
@@ -526,9 +540,9 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         res = train(model, tokenizer, train_tf, train_split, class_texts, tcfg, out/"train", c_zs=c_zs, texts=texts,
                     labels=train_split.labels, device=device)
         history = res.history
-        if rank != 0: _barrier(); return {}
         result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
-                          num_workers=cfg.num_workers)
+                          num_workers=cfg.num_workers, shard=world > 1)   # every rank encodes its share of the test set
+        if rank != 0: _barrier(); return {}   # only rank 0 writes
         metrics["classifier_path"] = str(res.classifier_path) if res.classifier_path else None
     if "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
         result = {**result, **accuracy_report(result["preds"], test_split.labels, len(classnames))}

@@ -6,7 +6,7 @@
 __all__ = ['METHODS', 'WEIGHTS_FILE', 'OPEN_CLIP_CONFIG', 'TrainConfig', 'param_groups', 'cosine_lr', 'make_optimizer',
            'seeded_hash', 'seeded_uniform', 'seeded_int', 'steps_per_epoch', 'total_steps', 'EpochBatches',
            'seeded_generators', 'SeededViews', 'collate_views', 'TextTable', 'encode_tokens', 'latte_targets',
-           'dist_info', 'resolve_precision', 'Trainer', 'rng_state', 'set_rng_state', 'open_clip_config',
+           'dist_info', 'rank_device', 'resolve_precision', 'Trainer', 'rng_state', 'set_rng_state', 'open_clip_config',
            'export_classifier', 'Classifier', 'load_classifier', 'TrainResult', 'train']
 
 # %% ../nbs/09_train.ipynb #58522560
@@ -391,6 +391,14 @@ def dist_info() -> tuple:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
+def rank_device(device, rank: int, world: int) -> torch.device:
+    """This rank's device: an explicit one (cpu, cuda:1) as given; none or a bare 'cuda' -> cuda:<local rank> when world > 1."""
+    device = get_device(device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        # the launcher's LOCAL_RANK (torchrun); under mp.spawn there is none and the rank is the spawn index on this node
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
+    return device
+
 def resolve_precision(precision: str, device) -> tuple:
     """(autocast dtype or None, use a GradScaler) for a precision name on a device."""
     device = torch.device(device)
@@ -748,8 +756,7 @@ def train(
     """Fine-tune CLIP with cfg.method on `split`; resumable from out_dir, DDP-aware, exported for `load_classifier`."""
     cfg.check()
     rank, world = dist_info()
-    if world > 1 and torch.cuda.is_available(): device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-    device = get_device(device)
+    device = rank_device(device, rank, world)
     out_dir = Path(out_dir)
     N = len(split)
     c_zs, labels = _check_inputs(split, class_texts, cfg, c_zs, texts, labels)

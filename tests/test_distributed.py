@@ -179,3 +179,54 @@ def test_a_failed_checkpoint_on_rank_0_stops_every_rank(tmp_path):
     r0, r1 = (Path(tmp_path, f"outcome{r}.txt").read_text() for r in (0, 1))
     assert "no space left" in r0 and "training stopped at step 1" in r0, r0
     assert "rank 0 could not write the checkpoint" in r1 and "step 1" in r1, r1
+
+
+# ------------------------------------------------------------------ devices of the ranks, sharded evaluation
+def test_rank_device_keeps_an_explicit_device(monkeypatch):
+    """Defect: an explicit device='cpu' became cuda:LOCAL_RANK under a process group, and mp.spawn ranks shared cuda:0."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert T.rank_device("cpu", 1, 2) == torch.device("cpu")
+    assert T.rank_device("cuda:0", 1, 2) == torch.device("cuda", 0)
+    assert T.rank_device("cuda", 1, 2) == torch.device("cuda", 1)        # mp.spawn: no LOCAL_RANK, the spawn index
+    assert T.rank_device(None, 3, 4) == torch.device("cuda", 1)          # 4 ranks over 2 GPUs of this node
+    assert T.rank_device("cuda", 0, 1) == torch.device("cuda")           # one process: as given
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert T.rank_device("cuda", 5, 8) == torch.device("cuda", 0)        # torchrun: the launcher's local rank
+
+
+def _eval_worker(rank, world, init_file, d, split, W):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import tiny_clip
+    from latteclip_nb.evaluate import evaluate
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, _, eval_tf, _ = tiny_clip()
+        seen, encode = [], model.encode_image
+        model.encode_image = lambda x, **kw: seen.append(len(x)) or encode(x, **kw)
+        r = evaluate(model, eval_tf, split, W, batch_size=4, shard=True)
+        torch.save({"preds": r["preds"], "top1": r["top1"], "unreadable": r["unreadable"], "encoded": sum(seen)},
+                   f"{d}/eval{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    """Two gloo ranks each encode half of the test images; both get the single-process predictions."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import tiny_clip, tiny_world
+    from latteclip_nb.evaluate import evaluate
+    split = tiny_world(tmp_path / "world", n=13)[0]                    # 13: shards of 6 and 7 images
+    (split.root / split.ids[8]).write_bytes(b"not an image")           # one unreadable image, in rank 1's shard
+    model, _, eval_tf, _ = tiny_clip()
+    W = F.normalize(torch.randn(3, model.visual.output_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    ref = evaluate(model, eval_tf, split, W, batch_size=4)
+    mp.spawn(_eval_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), split, W), nprocs=2, join=True)
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"eval{r}.pt", weights_only=False)
+        assert torch.equal(torch.as_tensor(got["preds"]), torch.as_tensor(ref["preds"]))
+        assert got["top1"] == ref["top1"] and got["unreadable"] == ref["unreadable"] == 1
+    # each rank encoded only its own share (rank 1's share holds the unreadable image)
+    assert [torch.load(tmp_path / f"eval{r}.pt", weights_only=False)["encoded"] for r in (0, 1)] == [6, 6]
