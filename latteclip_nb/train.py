@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['METHODS', 'WEIGHTS_FILE', 'OPEN_CLIP_CONFIG', 'TrainConfig', 'param_groups', 'cosine_lr', 'make_optimizer',
            'seeded_hash', 'seeded_uniform', 'seeded_int', 'steps_per_epoch', 'total_steps', 'EpochBatches',
-           'seeded_generators', 'SeededViews', 'collate_views', 'TextTable', 'encode_tokens', 'latte_targets',
-           'dist_info', 'rank_device', 'resolve_precision', 'Trainer', 'rng_state', 'set_rng_state', 'open_clip_config',
-           'export_classifier', 'Classifier', 'load_classifier', 'TrainResult', 'train']
+           'seeded_generators', 'SeededViews', 'collate_views', 'TextTable', 'length_buckets', 'encode_tokens',
+           'latte_targets', 'dist_info', 'rank_device', 'resolve_precision', 'Trainer', 'rng_state', 'set_rng_state',
+           'open_clip_config', 'export_classifier', 'Classifier', 'load_classifier', 'TrainResult', 'train']
 
 # %% ../nbs/09_train.ipynb #58522560
 import contextlib, json, math, os, random, tempfile, time
@@ -310,7 +310,9 @@ class TextTable:
         return self.group_id[pick], has
 
 # %% ../nbs/09_train.ipynb #8eb9da51
-def _can_pack(model) -> bool:
+_CALL_TOKENS = dict(cuda=8192, cpu=64)   # padded tokens a further bucket must save to pay for its kernel launches
+
+def _can_cut(model) -> bool:
     "True for open_clip's CLIP text tower: causal, pooled at the end-of-text token, standard residual blocks."
     import open_clip
     from open_clip.transformer import ResidualAttentionBlock
@@ -319,38 +321,52 @@ def _can_pack(model) -> bool:
     return all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") and b.attn.in_proj_weight is not None
                for b in model.transformer.resblocks)
 
-def _packed_block(blk, x: torch.Tensor, groups: list) -> torch.Tensor:
-    "One residual block on packed tokens [T, W]; causal attention within each (start, n texts, length L) group."
-    W, H = x.shape[-1], blk.attn.num_heads
-    qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
-    out = []
-    for start, n, L in groups:
-        q, k, v = qkv[start:start + n * L].view(n, L, 3, H, W // H).permute(2, 0, 3, 1, 4)
-        out.append(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n * L, W))
-    x = x + blk.ls_1(blk.attn.out_proj(torch.cat(out)))
+def length_buckets(counts: list, call_tokens: int) -> list:
+    """Buckets (first, stop, L) of texts sorted by length, each padded to its longest L, minimising tokens + `call_tokens` a bucket."""
+    lens = [L for L, n in enumerate(counts) if n]          # counts[L]: how many texts have L tokens
+    cum = [0]
+    for L in lens: cum.append(cum[-1] + counts[L])
+    best, cut = [0] + [math.inf] * len(lens), [0] * (len(lens) + 1)
+    for j in range(1, len(lens) + 1):                       # best[j]: the cheapest split of the j shortest lengths
+        for i in range(j):
+            cost = best[i] + call_tokens + lens[j - 1] * (cum[j] - cum[i])
+            if cost < best[j]: best[j], cut[j] = cost, i
+    out, j = [], len(lens)
+    while j: out.append((cum[cut[j]], cum[j], lens[j - 1])); j = cut[j]
+    return out[::-1]
+
+
+# %% ../nbs/09_train.ipynb #b7c41e05
+def _causal_block(blk, x: torch.Tensor) -> torch.Tensor:
+    "One residual block on texts [n, L, W]: open_clip's modules and order, causal attention in one call."
+    n, L, W = x.shape
+    H = blk.attn.num_heads
+    qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias).view(n, L, 3, H, W // H).permute(2, 0, 3, 1, 4)
+    a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True).transpose(1, 2).reshape(n, L, W)
+    x = x + blk.ls_1(blk.attn.out_proj(a))
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
-def encode_tokens(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Unit text features of token ids [N, 77]: `encode_text`'s result, computed on the real tokens only."""
-    if tokens.shape[0] == 0 or not _can_pack(model): return model.encode_text(tokens, normalize=True)
-    lengths = (tokens.argmax(dim=-1) + 1).cpu()
-    order = torch.argsort(lengths, stable=True)
-    vals, counts = torch.unique_consecutive(lengths[order], return_counts=True)
-    groups, ids, pos, eot, start, i = [], [], [], [], 0, 0
-    for L, n in zip(vals.tolist(), counts.tolist()):
-        rows = order[i:i + n].to(tokens.device); i += n
-        ids.append(tokens[rows, :L].reshape(-1)); pos.append(torch.arange(L).repeat(n))
-        eot.append(start + torch.arange(n) * L + L - 1)
-        groups.append((start, n, L)); start += n * L
-    ids, pos, eot = torch.cat(ids), torch.cat(pos).to(tokens.device), torch.cat(eot).to(tokens.device)
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(ids).to(cast) + model.positional_embedding[pos].to(cast)
+def _encode_cut(model, tokens: torch.Tensor) -> torch.Tensor:
+    "Unnormalised features of token ids [n, L] cut after the longest text's end-of-text token."
+    cast, L = model.transformer.get_cast_dtype(), tokens.shape[1]
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:L].to(cast)
     for blk in model.transformer.resblocks:
-        if model.transformer.grad_checkpointing: x = checkpoint(_packed_block, blk, x, groups, use_reentrant=False)
-        else: x = _packed_block(blk, x, groups)
-    x = model.ln_final(x[eot])
-    x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
-    return F.normalize(x, dim=-1)[torch.argsort(order.to(tokens.device))]
+        x = checkpoint(_causal_block, blk, x, use_reentrant=False) if model.transformer.grad_checkpointing else _causal_block(blk, x)
+    x = model.ln_final(x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)])
+    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+
+def encode_tokens(model, tokens: torch.Tensor, call_tokens: Optional[int] = None) -> torch.Tensor:
+    """Unit text features of token ids [N, 77]: `encode_text`'s result, each length bucket cut to its longest text."""
+    if tokens.shape[0] == 0 or not _can_cut(model): return model.encode_text(tokens, normalize=True)
+    if call_tokens is None: call_tokens = _CALL_TOKENS.get(tokens.device.type, _CALL_TOKENS["cuda"])
+    lengths = tokens.argmax(dim=-1) + 1
+    counts = lengths.new_zeros(tokens.shape[1] + 1).scatter_add_(0, lengths, torch.ones_like(lengths)).tolist()  # one host sync
+    buckets = length_buckets(counts, call_tokens)
+    if len(buckets) == 1: return F.normalize(_encode_cut(model, tokens[:, :buckets[0][2]]), dim=-1)
+    order = torch.argsort(lengths, stable=True)
+    x = torch.cat([_encode_cut(model, tokens[order[a:b], :L]) for a, b, L in buckets])
+    return F.normalize(x, dim=-1)[torch.argsort(order)]
+
 
 # %% ../nbs/09_train.ipynb #8adda3f6
 def latte_targets(
