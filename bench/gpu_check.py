@@ -684,7 +684,8 @@ def main(argv=None) -> int:
         print(f"open_clip is not installed and not carried in {args.carried}: run bench/fetch_wheels.sh where there is "
               "a registry and carry bench/wheels", file=sys.stderr); return 2
     from latteclip_nb.core import get_device
-    budget = Budget(args.budget_s, SHARES)
+    # the budget is shared among the sections asked for: --sections train --budget-s 90 gives train 75 of the 90 s
+    budget = Budget(args.budget_s, {k: v for k, v in SHARES.items() if k == "startup" or k in args.sections})
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="latteclip-gpucheck-"))
     work.mkdir(parents=True, exist_ok=True)
     res = dict(schema=SCHEMA, mode="tiny" if args.tiny else "full", started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
