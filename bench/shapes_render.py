@@ -1,4 +1,4 @@
-"""How long rendering the shapes world takes (the offline dataset of `nbs/12_shapes.ipynb`).
+"""How long rendering the shapes world takes (the offline dataset of `nbs/12_shapes_world.ipynb`).
 
 Not a test: it prints one line per run. The world is rendered into a fresh temporary folder each time (no cache),
 so the number is the cost a first `make demo` pays. Timings move with the machine's load; the default world
