@@ -26,14 +26,14 @@ from tqdm.auto import tqdm
 
 from .core import atomic_torch_save, atomic_write_bytes, atomic_write_json, get_device, log, read_json, seed_everything
 from .loss import contrastive_loss, latte_loss
-from .mixer import blend, margin_weights, mix_features
+from .mixer import MIXERS, blend, margin_weights, mix_features, released_mix
 from .prototypes import PrototypeBank
 
 # %% ../nbs/09_train.ipynb #76932126
 METHODS = ("latteclip", "flyp_pl", "oracle")
 _CHOICES = dict(method=METHODS, group_sampling=("class", "own"), text_grad=("exact", "fast"),
                 pseudo=("online", "fixed"), precision=("auto", "fp32", "bf16", "fp16"),
-                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"))
+                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), mixer=MIXERS)
 # fields that do not change the numbers: a checkpoint written under other values still resumes
 _FREE_FIELDS = {"ckpt_every", "num_workers", "log_every", "resume", "keep_checkpoint", "model_name", "pretrained"}
 
@@ -52,6 +52,7 @@ class TrainConfig:
     use_image: bool = True
     use_group: bool = True
     use_mixer: bool = True         # Table 3: False -> every enabled text weighs 1
+    mixer: str = "eq1"             # eq1 (the paper's Eq. 1) | released (the released code's mix: needs batch_size / (grad_accum x processes) == D)
     use_zs: bool = True            # Table 3: keep L_zs
     use_ft: bool = True            # Table 3: keep L_ft
     ft_ablation: str = "drop_term" # use_ft=False: drop_term (L = L_zs) | zero_loss (the released switch: L = 0, prototypes still move)
@@ -62,7 +63,8 @@ class TrainConfig:
     precision: str = "auto"        # auto (cuda: bf16 if supported, else fp16 + GradScaler; else fp32) | fp32 | bf16 | fp16
     grad_accum: int = 1            # micro-batches per optimizer step
     grad_checkpointing: bool = False
-    drop_last: bool = False        # False: an epoch is ceil(N / batch_size) steps, the last one smaller (the released code)
+    drop_last: bool = False        # False: ceil(N / batch_size) steps an epoch, the last batch smaller; True: floor
+    released_workers: int = 0      # W > 0: the released loader, ceil(ceil(N / batch_size) / W) x W full batches an epoch (floor with drop_last)
     max_steps: Optional[int] = None  # cap on optimizer steps; the schedule ends there
     ckpt_every: int = 50           # checkpoint every N optimizer steps (0: at the end of every epoch); see 'Checkpoints'
     num_workers: int = 0           # DataLoader workers
@@ -85,7 +87,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         if not self.lr > 0: raise ValueError(f"TrainConfig.lr={self.lr} must be > 0")
-        if self.warmup_steps < 0 or self.ckpt_every < 0: raise ValueError("warmup_steps and ckpt_every must be >= 0")
+        if self.warmup_steps < 0 or self.ckpt_every < 0 or self.released_workers < 0:
+            raise ValueError("warmup_steps, ckpt_every and released_workers must be >= 0")
         if self.max_steps is not None and self.max_steps < 1: raise ValueError(f"max_steps={self.max_steps}: use None (no cap) or >= 1")
         for name in ("alpha", "momentum"):
             if not 0 <= getattr(self, name) <= 1: raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must lie in [0, 1]")
@@ -136,24 +139,26 @@ def seeded_int(*keys) -> int:
     return int(seeded_hash(*keys) >> np.uint64(1))
 
 # %% ../nbs/09_train.ipynb #4b217cd5
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """Optimizer steps in an epoch of `n` images: ceil(n / batch_size), or floor with `drop_last`."""
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False, workers: int = 0) -> int:
+    """Optimizer steps in an epoch of `n` images: ceil(n / batch_size) (floor with `drop_last`), rounded to a multiple of `workers` if > 0."""
+    div = (lambda a, b: a // b) if drop_last else (lambda a, b: -(-a // b))
+    steps = div(n, batch_size)
+    return div(steps, workers) * workers if workers else steps
 
 def total_steps(cfg: TrainConfig, n: int) -> int:
     """Optimizer steps of a whole run on `n` images: epochs x steps per epoch, capped by `max_steps`."""
-    total = cfg.epochs * steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
+    total = cfg.epochs * steps_per_epoch(n, cfg.batch_size, cfg.drop_last, cfg.released_workers)
     return total if cfg.max_steps is None else min(total, cfg.max_steps)
 
 class EpochBatches(Sampler):
-    """This process's micro-batches of one epoch as (epoch, index) keys: seeded order, global batches, micro-batches, shards."""
+    """This process's micro-batches of one epoch as (epoch, index[, round]) keys: seeded order, global batches, micro-batches, shards."""
     def __init__(self, n: int, batch_size: int, grad_accum: int = 1, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, workers: int = 0):
         if batch_size % (grad_accum * world):
             raise ValueError(f"batch_size={batch_size} must be divisible by grad_accum x processes = {grad_accum} x {world}")
         self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
-        self.drop_last, self.rank, self.world = drop_last, rank, world
-        self.steps_per_epoch = steps_per_epoch(n, batch_size, drop_last)
+        self.drop_last, self.rank, self.world, self.workers = drop_last, rank, world, workers
+        self.steps_per_epoch = steps_per_epoch(n, batch_size, drop_last, workers)
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size={batch_size} is larger than the {n} training images: lower batch_size or keep the last batch (drop_last=False)")
         self.set_epoch(0)
@@ -163,18 +168,28 @@ class EpochBatches(Sampler):
         self.epoch, self.start = epoch, start
         self.stop = self.steps_per_epoch if stop is None else stop
 
-    def global_batches(self, epoch: int) -> list:
-        """The epoch's global batches (LongTensors of dataset indices)."""
-        g = torch.Generator().manual_seed(seeded_int(self.seed, epoch))
-        return list(torch.randperm(self.n, generator=g).split(self.batch_size))[:self.steps_per_epoch]
+    def draws(self, epoch: int) -> tuple:
+        """(dataset indices, draw rounds) of the epoch in order: its permutation, then fresh ones until its batches are full."""
+        need = self.steps_per_epoch * self.batch_size if self.workers else self.n
+        perms = [torch.randperm(self.n, generator=torch.Generator().manual_seed(seeded_int(self.seed, epoch, *([r] if r else []))))
+                 for r in range(max(1, -(-need // self.n)))]
+        idx = torch.cat(perms)[:need]
+        return idx, torch.arange(len(idx)) // self.n
+
+    def global_batches(self, epoch: int, rounds: bool = False) -> list:
+        """The epoch's global batches (LongTensors of dataset indices; with `rounds`, (indices, rounds) pairs)."""
+        idx, r = self.draws(epoch)
+        out = list(zip(idx.split(self.batch_size), r.split(self.batch_size)))[:self.steps_per_epoch]
+        return out if rounds else [b for b, _ in out]
 
     def local(self, batch: torch.Tensor) -> list:
         """This process's shard of each micro-batch of one global batch."""
         return [m.tensor_split(self.world)[self.rank] for m in batch.tensor_split(self.grad_accum)]
 
     def __iter__(self):
-        for batch in self.global_batches(self.epoch)[self.start:self.stop]:
-            for shard in self.local(batch): yield [(self.epoch, i) for i in shard.tolist()]
+        for batch, rounds in self.global_batches(self.epoch, rounds=True)[self.start:self.stop]:
+            for shard, r in zip(self.local(batch), self.local(rounds)):
+                yield [(self.epoch, i, k) if k else (self.epoch, i) for i, k in zip(shard.tolist(), r.tolist())]
 
     def __len__(self): return max(0, self.stop - self.start) * self.grad_accum
 
@@ -210,13 +225,15 @@ class SeededViews(Dataset):
     def __getitem__(self, key): return self.__getitems__([key])[0]
 
     def __getitems__(self, keys):
-        """The views of a list of (epoch, index) keys (the DataLoader's batched fetch); generator states saved once."""
-        keys = [(int(e), int(i)) for e, i in keys]
-        seeds = (seeded_hash(self.seed, np.array([e for e, _ in keys], dtype=np.int64),
-                             np.array([i for _, i in keys], dtype=np.int64), 1) >> np.uint64(1)).tolist()
+        """The views of a list of (epoch, index[, round]) keys (the DataLoader's batched fetch); generator states saved once."""
+        keys = [(int(k[0]), int(k[1]), int(k[2]) if len(k) > 2 else 0) for k in keys]
+        E, I, R = (np.array(col, dtype=np.int64).reshape(-1) for col in zip(*keys)) if keys else [np.zeros(0, np.int64)] * 3
+        h = seeded_hash(self.seed, E, I, 1)
+        if (R > 0).any(): h = np.where(R > 0, seeded_hash(self.seed, E, I, 1, R), h)   # a repeated draw: a fresh view
+        seeds = (h >> np.uint64(1)).tolist()
         out, saved = [], _global_states()
         try:
-            for (_, i), s in zip(keys, seeds):
+            for (_, i, _), s in zip(keys, seeds):
                 item = self.images[i]
                 if item is None: out.append(None); continue
                 _seed_globals(s); out.append((self.transform(item[0]), i))
@@ -365,14 +382,17 @@ def latte_targets(
     alpha: float = 0.99,
     use_mixer: bool = True,
     return_mix: bool = False,  # also return the mixes (mix_zs, mix_ft) before the blend
+    mixer: str = "eq1",        # eq1 (the paper's Eq. 1) | released (the released code's mix; needs B == D)
 ) -> tuple:                    # (tbar_zs, tbar_ft), each [B, D] (then mix_zs, mix_ft with return_mix)
     """The blended training targets of both pseudo-labels (Eq. 1 weights, weighted mean, Eq. 2 blend)."""
-    out, mixes = [], []
-    for f_class, p in ((f_class_zs, p_zs), (f_class_ft, p_ft)):
+    if mixer not in MIXERS: raise ValueError(f"mixer={mixer!r}: choose one of {', '.join(MIXERS)}")
+    branches = []
+    for f_class in (f_class_zs, f_class_ft):
         feats = torch.stack([f_class, f_image, f_group], dim=1)
-        w = (margin_weights(feats, snapshot) if use_mixer else torch.ones_like(enabled)) * enabled
-        mixes.append(mix_features(feats, w))
-        out.append(blend(mixes[-1], p, alpha))
+        branches.append((feats, (margin_weights(feats, snapshot) if use_mixer else torch.ones_like(enabled)) * enabled))
+    w_class_ft = branches[1][1][:, 0]   # the released numerators both use the fine-tune label's class weight
+    mixes = [mix_features(f, w) if mixer == "eq1" else released_mix(f, w, w_class_ft) for f, w in branches]
+    out = [blend(m, p, alpha) for m, p in zip(mixes, (p_zs, p_ft))]
     return tuple(out + mixes) if return_mix else tuple(out)
 
 # %% ../nbs/09_train.ipynb #e30d7365
@@ -482,7 +502,7 @@ class Trainer:
         P = self.bank.prototypes
         tbar_zs, tbar_ft, mix_zs, mix_ft = latte_targets(
             feats.get("class_zs", zero), feats.get("class_ft", zero), feats.get("image", zero), feats.get("group", zero),
-            self.snapshot, P[c_zs], P[c_ft], enabled, cfg.alpha, cfg.use_mixer, return_mix=True)
+            self.snapshot, P[c_zs], P[c_ft], enabled, cfg.alpha, cfg.use_mixer, return_mix=True, mixer=cfg.mixer)
         zero_loss = not cfg.use_ft and cfg.ft_ablation == "zero_loss"
         loss = latte_loss(v, tbar_zs, tbar_ft, scale.float(), cfg.use_zs or zero_loss, cfg.use_ft)
         if zero_loss: loss = loss * 0.0   # the released "w/o L_ft" switch: no gradient at all, the prototypes still move
@@ -674,8 +694,20 @@ class TrainResult:
 
 def _config_diff(saved: dict, cfg: TrainConfig) -> list:
     "Fields (other than the free ones) whose value differs between a saved config and `cfg`."
-    now = asdict(cfg)
-    return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in _FREE_FIELDS and saved.get(k) != now[k]]
+    now, default = asdict(cfg), {f.name: f.default for f in fields(TrainConfig)}   # fields newer than the saved run
+    return [f"{k}: {saved.get(k, default[k])!r} -> {now[k]!r}" for k in now
+            if k not in _FREE_FIELDS and saved.get(k, default[k]) != now[k]]
+
+def _check_released_mixer(cfg: TrainConfig, n: int, dim: int, world: int = 1):
+    "Raise a one-line ValueError when mixer='released' would meet a batch the released code could not run."
+    micro = cfg.batch_size // (cfg.grad_accum * world)
+    if micro != dim:
+        raise ValueError(f"mixer='released' needs batches of the embedding width D={dim} per process and micro-batch (the released code "
+                         f"multiplies a [B] weight into [B, D] features), got batch_size={cfg.batch_size} / (grad_accum={cfg.grad_accum} "
+                         f"x {world} processes) = {micro}: set batch_size={dim * cfg.grad_accum * world} or use mixer='eq1'")
+    if not (cfg.released_workers or cfg.drop_last or n % cfg.batch_size == 0):
+        raise ValueError(f"mixer='released' needs every batch full, but {n} images at batch_size={cfg.batch_size} leave a last batch "
+                         f"of {n % cfg.batch_size}: set released_workers (the released loader; the reference recipe does) or drop_last=True")
 
 def _read_jsonl(path: Path) -> list:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
@@ -756,7 +788,9 @@ def train(
     if cfg.model_name is None: cfg = replace(cfg, model_name=getattr(model, "model_name", None))
     if cfg.resume and _finished(out_dir, cfg, N): return _load_finished(model, out_dir, cfg, device)
     seed_everything(cfg.seed)
-    sampler = EpochBatches(N, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.drop_last, rank, world)
+    if cfg.method == "latteclip" and cfg.mixer == "released":
+        _check_released_mixer(cfg, N, getattr(model.visual, "output_dim", None) or model.text_projection.shape[-1], world)
+    sampler = EpochBatches(N, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.drop_last, rank, world, cfg.released_workers)
     spe = sampler.steps_per_epoch
     total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe, cfg.max_steps)
     trainer = Trainer(model, tokenizer, class_texts, cfg, total, c_zs, texts, labels, device)

@@ -175,3 +175,33 @@ def test_two_gloo_processes_match_one(tmp_path, method, n):
         assert a["agreement"] == b["agreement"] and a["label_accuracy"] == b["label_accuracy"] and abs(a["loss"] - b["loss"]) < 1e-5
     # only rank 0 wrote the export
     assert (tmp_path / f"ddp-{method}" / "classifier" / "classifier.json").exists()
+
+
+def test_released_loader_resume(tmp_path):
+    """The released loader (released_workers=3): 22 images at batch 8 make ceil(ceil(22 / 8) / 3) x 3 = 3 full batches
+    an epoch, drawing past the end of the epoch's permutation; interrupted mid-epoch it resumes exactly."""
+    cfg = TrainConfig(epochs=2, warmup_steps=1, lr=1e-4, batch_size=8, log_every=1, model_name="latte-tiny", released_workers=3)
+    full = run(tmp_path / "full", cfg, tmp_path / "world", n=22)
+    assert full.step == 6 and [r["step"] for r in full.history] == [3, 6]
+    for stop in (2, 4):
+        run(tmp_path / "part", cfg, tmp_path / "world", n=22, stop_at=stop)
+    resumed = run(tmp_path / "part", cfg, tmp_path / "world", n=22)
+    assert resumed.step == full.step and strip(resumed.history) == strip(full.history)
+    assert torch.equal(resumed.bank.prototypes, full.bank.prototypes) and same_weights(resumed.model, full.model)
+    # the same run under the plain rule is another run: its checkpoint is not resumed with the released loader
+    run(tmp_path / "plain", TrainConfig(**{**cfg.__dict__, "released_workers": 0}), tmp_path / "world", n=22, stop_at=1)
+    with pytest.raises(ValueError, match="released_workers: 0 -> 3"):
+        run(tmp_path / "plain", cfg, tmp_path / "world", n=22)
+
+
+def test_released_mixer_batch_refused_in_one_line(tmp_path):
+    """mixer='released' runs only with micro-batches of the embedding width (64 for latte-tiny), every one of them full."""
+    base = dict(epochs=1, warmup_steps=1, lr=1e-4, model_name="latte-tiny", mixer="released")
+    for cfg, n, words in [(TrainConfig(batch_size=8, **base), 24, ["D=64", "= 8", "set batch_size=64", "mixer='eq1'"]),
+                          (TrainConfig(batch_size=64, grad_accum=2, **base), 24, ["= 32", "set batch_size=128"]),
+                          (TrainConfig(batch_size=64, **base), 70, ["every batch full", "last batch of 6", "released_workers"])]:
+        with pytest.raises(ValueError) as e: run(tmp_path / "a", cfg, tmp_path / f"w{n}", n=n)
+        assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
+        assert not (tmp_path / "a" / "checkpoint.pt").exists()
+    res = run(tmp_path / "ok", TrainConfig(batch_size=64, released_workers=1, max_steps=1, **base), tmp_path / "w70", n=70)
+    assert res.step == 1 and torch.isfinite(res.bank.prototypes).all()
