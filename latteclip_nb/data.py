@@ -47,6 +47,7 @@ class DatasetSpec:
     n_classes: int | None = None # expected number of classes (sanity check)
     n_train: int | None = None   # expected CoOp train+val size
     n_test: int | None = None    # expected CoOp test size
+    released_workers: int = 0    # the released script's --workers: its loader's epoch is a multiple of it (0: not a released dataset)
 
     def __post_init__(self):
         if self.kind not in KINDS: raise ValueError(f"DatasetSpec '{self.name}': kind={self.kind!r} is not one of {KINDS}")
@@ -59,35 +60,35 @@ def _gp(what: str) -> str: return f"Describe the common visual attributes of the
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
     DatasetSpec("eurosat", "eurosat/2750", "eurosat/split_zhou_EuroSAT.json", "a photo of a {}.", "land use", "land use",
                 _ip("land use in the satellite image"), _gp("land use in all the satellite images"), 15, 40,
-                n_classes=10, n_train=18900, n_test=8100),
+                n_classes=10, n_train=18900, n_test=8100, released_workers=3),
     DatasetSpec("sun397", "sun397/SUN397", "sun397/split_zhou_SUN397.json", "a photo of a {}.", "scene", "scenes",
                 _ip("scene in the photo"), _gp("scenes in all the photos"), 15, 40,
-                n_classes=397, n_train=19850, n_test=19850),
+                n_classes=397, n_train=19850, n_test=19850, released_workers=3),
     DatasetSpec("food101", "food-101/images", "food-101/split_zhou_Food101.json", "a photo of a {}, a type of food.",
                 "food", "foods", _ip("{c} food in the photo"), _gp("foods in all the photos"), 15, 140,
-                n_classes=101, n_train=70700, n_test=30300),
+                n_classes=101, n_train=70700, n_test=30300, released_workers=3),
     DatasetSpec("flowers102", "oxford_flowers/jpg", "oxford_flowers/split_zhou_OxfordFlowers.json",
                 "a photo of a {}, a type of flower.", "flower", "flowers", _ip("{c} flower in the photo"),
-                _gp("flowers in all the photos"), 50, 12, n_classes=102, n_train=5726, n_test=2463),
+                _gp("flowers in all the photos"), 50, 12, n_classes=102, n_train=5726, n_test=2463, released_workers=4),
     DatasetSpec("dtd", "dtd/images", "dtd/split_zhou_DescribableTextures.json", "{} texture.", "texture", "textures",
                 _ip("texture in the photo"), _gp("textures in all the photos"), 100, 10,
-                n_classes=47, n_train=3948, n_test=1692),
+                n_classes=47, n_train=3948, n_test=1692, released_workers=3),
     DatasetSpec("fgvc_aircraft", "fgvc_aircraft/images", "fgvc_aircraft", "a photo of a {}, a type of aircraft.",
                 "aircraft", "aircrafts", _ip("aircraft in the photo"), _gp("aircrafts in all the photos"), 50, 15,
-                kind="fgvc", n_classes=100, n_train=6667, n_test=3333),
+                kind="fgvc", n_classes=100, n_train=6667, n_test=3333, released_workers=3),
     DatasetSpec("oxford_pets", "oxford_pets/images", "oxford_pets/split_zhou_OxfordPets.json", "a photo of a {}.",
                 "pet", "pets", _ip("pet in the photo"), _gp("pets in all the photos"), 100, 10,
-                n_classes=37, n_train=3680, n_test=3669),
+                n_classes=37, n_train=3680, n_test=3669, released_workers=3),
     DatasetSpec("stanford_cars", "stanford_cars", "stanford_cars/split_zhou_StanfordCars.json", "a photo of a {}.",
                 "car", "cars", _ip("car in the photo"), _gp("cars in all the photos"), 50, 20, dots=True,
-                n_classes=196, n_train=8144, n_test=8041),
+                n_classes=196, n_train=8144, n_test=8041, released_workers=3),
     DatasetSpec("ucf101", "ucf101/UCF-101-midframes", "ucf101/split_zhou_UCF101.json", "a photo of a person doing {}",
                 "action of the person", "person's actions", _ip("action of the person in the photo"),
                 _gp("person's actions in all the photos"), 50, 20, dots=True,
-                n_classes=101, n_train=9537, n_test=3783),
+                n_classes=101, n_train=9537, n_test=3783, released_workers=3),
     DatasetSpec("caltech101", "caltech-101/101_ObjectCategories", "caltech-101/split_zhou_Caltech101.json",
                 "a photo of a {}.", "object", "objects", _ip("object in the photo"), _gp("objects in all the photos"),
-                50, 10, weight_decay=1e-7, n_classes=100, n_train=5777, n_test=2465),
+                50, 10, weight_decay=1e-7, n_classes=100, n_train=5777, n_test=2465, released_workers=3),
 ]}
 BUILTIN_DATASETS = tuple(DATASETS)
 ALIASES = {"cars": "stanford_cars", "pets": "oxford_pets", "flowers": "flowers102", "food": "food101",
@@ -135,9 +136,9 @@ def recipe_values(spec, recipe: str = "reference") -> dict:
     if recipe not in RECIPES: raise ValueError(f"recipe={recipe!r}: choose one of {', '.join(RECIPES)}")
     out = dict(template=spec.template, epochs=spec.epochs, warmup_steps=spec.warmup_steps, lr=spec.lr,
                weight_decay=spec.weight_decay, batch_size=getattr(spec, "batch_size", 512), max_steps=None,
-               drop_last=getattr(spec, "drop_last", False))
+               drop_last=getattr(spec, "drop_last", False), released_workers=spec.released_workers)
     if recipe == "paper":
-        out.update(template=PAPER_TEMPLATE, epochs=PAPER_MAX_EPOCHS, max_steps=PAPER_MAX_STEPS)
+        out.update(template=PAPER_TEMPLATE, epochs=PAPER_MAX_EPOCHS, max_steps=PAPER_MAX_STEPS, released_workers=0)
         if spec.name in BUILTIN_DATASETS: out["lr"] = PAPER_LR.get(spec.name, 1e-7)
     return out
 
