@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['METHODS', 'CHOICES', 'FREE_FIELDS', 'PAPER_DATASETS', 'PAPER_TABLES', 'PAPER_TABLE1', 'ExperimentConfig',
            'config_from_params', 'paper_row', 'paper_top1', 'resolve_data', 'resolve_model', 'make_captioner',
-           'recipe_spec', 'train_config', 'resolved_run', 'git_commit', 'config_diff', 'run_experiment',
+           'recipe_spec', 'train_config', 'steps_rule', 'resolved_run', 'git_commit', 'config_diff', 'run_experiment',
            'config_parser', 'main', 'run_dir', 'sweep', 'collect', 'summarize', 'markdown_table', 'result_table',
            'compare_table']
 
@@ -25,7 +25,8 @@ import hashlib, tempfile
 METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
 CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "openai", "tiny", "simulated"), group_sampling=("class", "own"),
                text_grad=("exact", "fast"), pseudo=("online", "fixed"),
-               ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"))
+               ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"),
+               mixer=("eq1", "released"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
 FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every"}
 
@@ -67,11 +68,13 @@ class ExperimentConfig:
     use_image: bool = True           # Table 2: use the image descriptions
     use_group: bool = True           # Table 2: use the group descriptions
     use_mixer: bool = True           # Table 3: weigh the texts (false: every text weighs 1)
+    mixer: str = "eq1"               # eq1 (the paper's Eq. 1) | released (the released code's mix; needs batches of the embedding width, 512 for ViT-B-32)
     use_zs: bool = True              # Table 3: keep L_zs
     use_ft: bool = True              # Table 3: keep L_ft
     ft_ablation: str = "drop_term"   # use_ft=False: drop_term | zero_loss (the released switch: prototype updates only)
     proto_update: str = "target"     # prototypes move to the mean of: target (tbar) | mix (a "w/o momentum" reading)
     drop_last: bool = False          # True: floor(N / batch) steps an epoch (the last partial batch dropped); False: the recipe's
+    released_workers: int = -1       # -1 -> the recipe's (reference: the released script's --workers, full batches; paper: 0, ceil(N / batch))
     precision: str = "auto"          # auto (cuda: bf16 if supported, else fp16 + GradScaler) | fp32 | bf16 | fp16
     group_sampling: str = "class"    # class: a random group of the sample's c_zs | own: its own group
     text_grad: str = "exact"         # exact: gradients through all texts | fast: descriptions without gradient
@@ -96,7 +99,7 @@ class ExperimentConfig:
             if not ok: raise ValueError(f"{f.name}={v!r} is not {_KIND_WORDS[kind]} (default: {f.name}={f.default!r})")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed: raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        for name, low in dict(lr=0, epochs=0, max_steps=0, batch_size=0, warmup_steps=-1, ckpt_every=0, world_seed=0, groups_per_class=0,
+        for name, low in dict(lr=0, epochs=0, max_steps=0, batch_size=0, warmup_steps=-1, ckpt_every=0, world_seed=0, groups_per_class=0, released_workers=-1,
                               num_workers=0, images_per_group=1, caption_batch_size=1, eval_batch_size=1, group_gt_correct=-1).items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}" + (" (0 takes the dataset's value)" if low == 0 and name in ("lr", "epochs", "batch_size") else ""))
@@ -335,7 +338,7 @@ def make_captioner(cfg: ExperimentConfig, spec, device=None):
 
 # %% ../nbs/13_experiment.ipynb #5b7784cf
 _TRAIN_METHODS = ("latteclip", "flyp_pl", "oracle")
-_SCHEDULE = ("epochs", "warmup_steps", "lr", "batch_size", "weight_decay", "max_steps", "drop_last")   # unset at their default
+_SCHEDULE = ("epochs", "warmup_steps", "lr", "batch_size", "weight_decay", "max_steps", "drop_last", "released_workers")   # unset at their default
 
 def recipe_spec(cfg: ExperimentConfig, spec):
     """`spec` with the class template of the config's recipe."""
@@ -370,18 +373,30 @@ def _spec_and_size(cfg: ExperimentConfig):
     spec = data.get_spec(cfg.dataset)
     return spec, spec.n_train
 
+def steps_rule(n: int, t) -> str:
+    """How the steps of a run on `n` images follow from its TrainConfig `t`, as arithmetic."""
+    from latteclip_nb.train import steps_per_epoch, total_steps
+    r, B, W = ("floor" if t.drop_last else "ceil"), t.batch_size, t.released_workers
+    spe = steps_per_epoch(n, B, t.drop_last, W)
+    if W: how = f"{r}({r}({n} / {B}) / {W}) x {W} = {spe} full batches an epoch (the released loader, released_workers={W})"
+    else: how = f"{r}({n} / {B}) = {spe} batches an epoch" + (f", the last one of {n % B}" if not t.drop_last and n % B else "")
+    if t.max_steps is None: return f"{how}; {t.epochs} epochs x {spe} = {t.epochs * spe} steps"
+    return f"{how}; min({t.epochs} epochs x {spe}, max_steps {t.max_steps}) = {total_steps(t, n)} steps"
+
 def resolved_run(cfg: ExperimentConfig) -> dict:
-    """The resolved run as JSON-ready data (recipe, template, steps, train+val size, every TrainConfig field)."""
+    """The resolved run as JSON-ready data (recipe, template, steps and their arithmetic, train+val size, every TrainConfig field)."""
     from latteclip_nb.train import steps_per_epoch, total_steps
     spec, n = _spec_and_size(cfg)
     spec = recipe_spec(cfg, spec)
     arch, pretrained = resolve_model(cfg, spec)
     out = dict(recipe=cfg.recipe, dataset=spec.name, method=cfg.method, template=spec.template, n_train=n,
-               steps_per_epoch=None, total_steps=None, paper_row=list(paper_row(cfg) or ()) or None, paper_top1=paper_top1(cfg, spec.name), train=None)
+               steps_per_epoch=None, total_steps=None, steps_rule=None, paper_row=list(paper_row(cfg) or ()) or None,
+               paper_top1=paper_top1(cfg, spec.name), train=None)
     if cfg.method in _TRAIN_METHODS:
         used = n if n is None or cfg.data_fraction == 1 else max(1, round(cfg.data_fraction * n))
         tcfg = train_config(cfg, spec, used, model_name=arch, pretrained=str(pretrained))
-        if used: out.update(steps_per_epoch=steps_per_epoch(used, tcfg.batch_size, tcfg.drop_last), total_steps=total_steps(tcfg, used))
+        if used: out.update(steps_per_epoch=steps_per_epoch(used, tcfg.batch_size, tcfg.drop_last, tcfg.released_workers),
+                            total_steps=total_steps(tcfg, used), steps_rule=steps_rule(used, tcfg))
         out["train"] = asdict(tcfg)
     return out
 
