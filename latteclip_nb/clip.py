@@ -127,8 +127,13 @@ def _eval_mode(model):
     try: yield model
     finally: model.train(was)
 
+def _amp_dtype(device):
+    "The autocast dtype the frozen model's encoders run in on `device`: fp16 on CUDA, None (fp32) elsewhere."
+    return torch.float16 if torch.device(device).type == "cuda" else None
+
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+    dt = _amp_dtype(device)
+    return torch.autocast("cuda", dtype=dt) if dt is not None else nullcontext()
 
 def _device_of(model, device=None) -> torch.device:
     return torch.device(device) if device is not None else next(model.parameters()).device
@@ -198,11 +203,13 @@ class PseudoLabels:
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
-def pseudo_label_key(key: dict, template: str, classnames, k: int, root=None) -> dict:
-    """The full cache key of zero-shot pseudo-labels (a local `pretrained` file counts by its bytes; `root` is not part of it)."""
+def pseudo_label_key(key: dict, template: str, classnames, k: int, root=None, device="cpu") -> dict:
+    """The full cache key of zero-shot pseudo-labels, with the device type and precision that made them (a local `pretrained` file counts by its bytes; `root` is not part of it)."""
     need = [f for f in ("model", "pretrained", "dataset", "split") if f not in key]
     if need: raise ValueError(f"pseudo-label cache key {key!r} lacks {need}; give model, pretrained, dataset and split")
-    full = {**key, "template": template, "classnames": list(classnames), "k": int(k)}
+    amp = _amp_dtype(device)
+    full = {**key, "template": template, "classnames": list(classnames), "k": int(k), "device": torch.device(device).type,
+            "precision": "fp32" if amp is None else {torch.float16: "fp16", torch.bfloat16: "bf16"}[amp]}
     p = key["pretrained"]
     if p and Path(str(p)).expanduser().is_file():
         f = Path(str(p)).expanduser().resolve()
@@ -234,7 +241,7 @@ def zero_shot_pseudo_labels(model, eval_transform, tokenizer, split: Split, temp
                             batch_size: int = 256, device=None, num_workers: int = 0) -> PseudoLabels:
     """c_zs (plus top-k classes and scores) of every image of `split` by the frozen `model`, cached on disk by image content under `cache_dir`."""
     k = min(int(k), len(split.classnames))
-    full = pseudo_label_key(key, template, split.classnames, k)
+    full = pseudo_label_key(key, template, split.classnames, k, device=_device_of(model, device))
     tpath, jpath = _cache_paths(cache_root() / "pseudo_labels" if cache_dir is None else cache_dir, full)
     content = file_keys(split.root, split.ids)
     entry = _load_cached(tpath, jpath, full)
