@@ -24,14 +24,16 @@ from .core import atomic_write_bytes, atomic_write_json, cache_root, file_keys, 
 from .data import ImageDataset, Split, collate_skip
 
 # %% auto #0
-__all__ = ['TINY_MODEL', 'check_model', 'make_train_transform', 'load_clip', 'save_clip_weights', 'encode_texts',
-           'text_classifier', 'encode_images', 'PseudoLabels', 'pseudo_label_key', 'zero_shot_pseudo_labels',
-           'zero_shot_eval']
+__all__ = ['TINY_MODEL', 'SHIPPED_MODELS', 'check_model', 'make_train_transform', 'load_clip', 'save_clip_weights',
+           'encode_texts', 'text_classifier', 'encode_images', 'PseudoLabels', 'pseudo_label_key',
+           'zero_shot_pseudo_labels', 'zero_shot_eval']
 
 # %% ../nbs/02_clip.ipynb #50aff8c2
 TINY_MODEL = "latte-tiny"
-if TINY_MODEL not in open_clip.list_models():
-    open_clip.add_model_config(Path(str(resources.files("latteclip_nb") / "assets" / f"{TINY_MODEL}.json")))
+SHIPPED_MODELS = tuple(sorted(p.stem for p in Path(str(resources.files("latteclip_nb") / "assets")).glob("*.json")))
+for _cfg in SHIPPED_MODELS:   # every architecture the package ships (latte-tiny, latte-shapes) is known wherever clip is imported
+    if _cfg not in open_clip.list_models():
+        open_clip.add_model_config(Path(str(resources.files("latteclip_nb") / "assets" / f"{_cfg}.json")))
 
 # %% ../nbs/02_clip.ipynb #e3ea54c8
 import functools, socket, urllib.parse
@@ -85,7 +87,16 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def check_model(model: str, pretrained):
     """`pretrained` resolved as in `load_clip`, failing at once (no hub retries) when a tag needs a network there is not."""
     if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"unknown OpenCLIP model {model!r}; e.g. 'ViT-B-32' or the tiny '{TINY_MODEL}' (open_clip.list_models() lists all)")
+        raise ValueError(f"unknown OpenCLIP model {model!r}; e.g. 'ViT-B-32' or one this package ships ({', '.join(SHIPPED_MODELS)}); "
+                         "open_clip.list_models() lists all")
+    if model.startswith(("hf-hub:", "local-dir:")):   # these folders carry their own weights: nothing to pass as pretrained
+        if pretrained not in (None, "", "none"):
+            raise ValueError(f"{model} carries its own weights: drop pretrained={pretrained!r} (--pretrained)")
+        folder = Path(model[len("local-dir:"):]).expanduser()
+        if model.startswith("local-dir:") and not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"{model}: {folder} has no open_clip_config.json; give a folder written by training "
+                                    "(<out_dir>/train/classifier) or by open_clip's push_to_hub")
+        return None
     ckpt = _resolve_pretrained(model, pretrained)
     if ckpt is not None and not Path(ckpt).is_file() and not _weights_cached(model, ckpt) and not _hub_reachable():
         raise RuntimeError(_offline_help(model, ckpt).replace("(offline?)", "(offline: the Hugging Face hub cannot be reached "

@@ -5,7 +5,7 @@
 # %% ../nbs/01_data.ipynb #71810120
 from __future__ import annotations
 
-import json, os, shutil
+import json, os, re, shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +22,7 @@ __all__ = ['KINDS', 'DATASETS', 'BUILTIN_DATASETS', 'ALIASES', 'RECIPES', 'PAPER
            'PAPER_MAX_EPOCHS', 'CLIP_TEMPLATES', 'IMG_EXTENSIONS', 'DatasetSpec', 'get_spec', 'register_dataset',
            'recipe_values', 'clip_templates', 'Split', 'clean_classname', 'check_classnames', 'read_coop_split',
            'read_fgvc_split', 'make_fake_dataset', 'splits', 'how_to_get', 'download', 'load_image', 'ImageDataset',
-           'collate_skip', 'list_images', 'plural', 'read_classes_file', 'FolderDomain']
+           'collate_skip', 'list_images', 'plural', 'read_classes_file', 'folder_name', 'FolderDomain']
 
 # %% ../nbs/01_data.ipynb #a81bed00
 KINDS = ("coop", "fgvc", "folder", "shapes")
@@ -102,10 +102,13 @@ def get_spec(name) -> DatasetSpec:
     key = str(name).strip().lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key in DATASETS: return DATASETS[key]
+    if key == "shapes":   # the offline world registers itself when its module is imported
+        import latteclip_nb.shapes, latteclip_nb.data as registry
+        return registry.DATASETS[key]
     if _looks_like_path(name):   # a mistyped folder is not an unknown dataset name
         raise FileNotFoundError(f"no such folder {Path(str(name)).expanduser().absolute()}: check the path of your image folder "
                                 f"(or give a dataset name: {', '.join(DATASETS)})")
-    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} "
+    raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(dict.fromkeys([*DATASETS, 'shapes']))} "
                      f"(aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())})")
 
 def _looks_like_path(name) -> bool:
@@ -516,6 +519,11 @@ def read_classes_file(path) -> list[str]:
     return names
 
 # %% ../nbs/01_data.ipynb #c9a23f7f
+def folder_name(root) -> str:
+    """A custom folder's default dataset name: its parent's name and its own (`/data/birds/unlabeled` -> `birds-unlabeled`)."""
+    p = Path(root).expanduser().resolve()
+    return re.sub(r"[^\w.-]+", "_", "-".join(s for s in (p.parent.name, p.name) if s)) or "folder"
+
 class FolderDomain:
     """A custom domain: unlabeled training images in `root`, class names, a domain word, an optional labeled test folder."""
     def __init__(self, root, classnames=None, classes_file=None, domain: str = "object", test_root=None,
@@ -533,7 +541,7 @@ class FolderDomain:
         self.classnames = check_classnames([clean_classname(c) for c in classnames], source)
         if not str(domain).strip(): raise ValueError("domain must be a word such as 'texture' or 'galaxy', got an empty string")
         domain_plural = domain_plural or plural(domain)
-        self.spec = DatasetSpec(name or self.root.name, str(self.root), str(self.test_root or ""), template, domain,
+        self.spec = DatasetSpec(name or folder_name(self.root), str(self.root), str(self.test_root or ""), template, domain,
                                 domain_plural, generic_image_prompt(domain), generic_group_prompt(domain_plural),
                                 epochs, warmup_steps, kind="folder", n_classes=len(self.classnames))
         if not self._train_ids(): raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {self.root}")
