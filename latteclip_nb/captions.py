@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['KINDS', 'CLIP_TEXT_TOKENS', 'shard_file', 'record_key', 'CaptionStore', 'WorkItem', 'Work', 'content_ids',
            'caption_work', 'shard_of', 'clip_bpe', 'clip_token_count', 'caption_stats', 'Texts', 'run_captioner',
-           'merge_captions', 'describe_dataset', 'caption_parser', 'build_captioner', 'call_plan', 'main']
+           'merge_captions', 'describe_dataset', 'caption_parser', 'build_captioner', 'call_plan', 'call_bound', 'main']
 
 # %% ../nbs/05a_captions.ipynb #fec206ea
 import argparse, errno, hashlib, importlib, json, logging, os, sys, time
@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 try: import fcntl
 except ImportError: fcntl = None  # no file locks on Windows: give every process its own shard
 
-from .core import atomic_write_json, cache_root, default_data_root, file_keys, log, read_json, seed_everything
+from .core import (atomic_write_json, cache_root, check_device, default_data_root, deprecated_flag, error_line, file_keys,
+                               log, read_json, seed_everything)
 from .collage import as_label_array, make_collage, sample_groups, sample_groups_gt
 from .data import load_image
 from .prompts import group_prompt, image_prompt
@@ -442,16 +443,19 @@ def describe_dataset(
 
 # %% ../nbs/05a_captions.ipynb #44f989c5
 def caption_parser() -> argparse.ArgumentParser:
-    """The command-line interface of `latteclip-caption`."""
+    """The command-line interface of `latteclip-caption` (flags spelled and meant as in `latteclip-train`)."""
     p = argparse.ArgumentParser(prog="latteclip-caption", description="Write LMM image and group descriptions of a "
                                 "training split into a crash-safe, resumable caption store.")
     a = p.add_argument_group("data")
-    a.add_argument("dataset", nargs="?", help="dataset name (e.g. dtd, eurosat, flowers); or use --folder")
-    a.add_argument("--root", default=None, help="data root of the named datasets (default: $LATTECLIP_DATA, else <cache>/data)")
+    a.add_argument("dataset", nargs="?", help="dataset name (e.g. dtd, eurosat, flowers, shapes) or a folder of unlabeled images")
+    a.add_argument("--dataset", dest="dataset_flag", metavar="DATASET", help="the same as the positional DATASET (as latteclip-train spells it)")
+    a.add_argument("--folder", help="custom domain: folder of unlabeled training images (the same as --dataset FOLDER)")
+    a.add_argument("--data-root", default=None, help="data root of the named datasets (default: $LATTECLIP_DATA, else <cache>/data)")
     a.add_argument("--split-file", help="CoOp split file (default: the dataset's own)")
-    a.add_argument("--folder", help="custom domain: folder of unlabeled training images")
-    a.add_argument("--classes", help="custom domain: text file with one class name per line")
+    a.add_argument("--classes-file", help="custom domain: text file with one class name per line")
     a.add_argument("--domain", default="object", help="custom domain: the domain word (e.g. texture)")
+    a.add_argument("--test-root", help="custom domain: labeled test folder (only kept out of the training images, as in latteclip-train)")
+    a.add_argument("--name", default="", help="custom domain: the dataset's name (default: the folder's parent and own name)")
     a = p.add_argument_group("what to describe")
     a.add_argument("--kind", nargs="+", choices=KINDS, default=list(KINDS), help="image and/or group descriptions")
     a.add_argument("--images-per-group", type=int, default=4, help="images per collage (k)")
@@ -459,10 +463,12 @@ def caption_parser() -> argparse.ArgumentParser:
     a.add_argument("--n-correct", type=int, default=None, help="Table 4: members of the true class (ground-truth groups)")
     a.add_argument("--seed", type=int, default=0, help="group sampling seed")
     a = p.add_argument_group("captioner")
-    a.add_argument("--backend", choices=("auto", "llava", "openai", "tiny", "simulated"), default="auto",
+    a.add_argument("--captioner", choices=("auto", "llava", "openai", "tiny", "simulated"), default="auto",
                    help="auto: simulated for shapes, openai when --server-url is given, else llava")
-    a.add_argument("--model", help="LLaVA checkpoint, served model name, or tiny-model folder")
+    a.add_argument("--captioner-model", help="LLaVA checkpoint, served model name, or tiny-model folder")
     a.add_argument("--server-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    a.add_argument("--bos", choices=("request", "server"), default="request",
+                   help="served <s>: request it (vLLM, SGLang) or let the server add it (transformers serve)")
     a.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
     a.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai)")
     a.add_argument("--anyres", action="store_true", help="LLaVA: all anyres views instead of the single 336-px view")
@@ -470,43 +476,68 @@ def caption_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=8, help="items per captioner call and per store write")
     a.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads preparing images and collages")
     a = p.add_argument_group("run")
-    a.add_argument("--shard", type=int, default=0)
+    a.add_argument("--shard", type=int, default=0, help="this process's shard, 0 .. num-shards - 1")
     a.add_argument("--num-shards", type=int, default=1)
-    a.add_argument("--out", help="caption store folder (default: <cache>/captions/<dataset>)")
-    a.add_argument("--clip-model", default="ViT-B-32", help="CLIP for the zero-shot labels c_zs")
-    a.add_argument("--pretrained", default="laion2b_s34b_b79k", help="its weights ('none': random, for tests)")
+    a.add_argument("--captions-dir", help="caption store folder (default: <cache>/captions/<dataset>)")
+    a.add_argument("--clip-model", default="", help="CLIP for the zero-shot labels c_zs (default: ViT-B-32; shapes: latte-shapes)")
+    a.add_argument("--pretrained", default="", help="its weights: tag, file or 'none' (default: laion2b_s34b_b79k; shapes: the shipped ones)")
     a.add_argument("--cache-dir", help="c_zs cache folder (default: <cache>/pseudo_labels)")
     a.add_argument("--save-texts", help="also write the merged Texts to this JSON file when complete")
-    a.add_argument("--dry-run", action="store_true", help="print how many LMM calls the run needs, then exit without loading the LMM")
+    a.add_argument("--dry-run", action="store_true", help="print the size of the job (LMM calls) and exit without loading any model")
+    for old, new in (("--root", "--data-root"), ("--classes", "--classes-file"), ("--backend", "--captioner"),
+                     ("--model", "--captioner-model"), ("--out", "--captions-dir")):
+        deprecated_flag(p, old, new)
     return p
 
 # %% ../nbs/05a_captions.ipynb #25b19e9e
 def _dataset(args):
-    "The spec and training split named by the arguments."
+    "The spec and training split named by the arguments (a folder gets the same name and split as in latteclip-train)."
     from latteclip_nb import data
-    if args.folder:
-        if args.dataset: raise ValueError(f"give a dataset name ({args.dataset}) or --folder ({args.folder}), not both")
-        fd = data.FolderDomain(args.folder, classes_file=args.classes, domain=args.domain)
+    named = [v for v in (args.dataset, getattr(args, "dataset_flag", None), args.folder) if v]
+    if len(named) > 1: raise ValueError(f"give one dataset, not {' and '.join(map(repr, named))}")
+    if not named: raise ValueError("name a dataset (e.g. dtd, shapes) or a folder: --dataset FOLDER --classes-file classes.txt --domain WORD")
+    if args.folder or Path(named[0]).expanduser().is_dir():
+        fd = data.FolderDomain(Path(named[0]).expanduser(), classes_file=args.classes_file or None, domain=args.domain,
+                               test_root=args.test_root or None, name=args.name or None)
         return fd.spec, fd.splits()["train"]
-    if not args.dataset: raise ValueError("name a dataset (e.g. dtd) or pass --folder with --classes and --domain")
-    try: spec = data.get_spec(args.dataset)
+    if args.name: raise ValueError(f"--name names a custom folder; {named[0]!r} is a dataset with its own name")
+    try: spec = data.get_spec(named[0])
     except ValueError as e:
         try: importlib.import_module("latteclip_nb.shapes")  # registers the offline world's datasets
         except ImportError: raise e from None
-        spec = data.get_spec(args.dataset)
-    root = Path(args.root).expanduser() if args.root else default_data_root()
+        spec = data.get_spec(named[0])
+    root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
     return spec, data.splits(spec.name, root, args.split_file)["train"]
+
+def _clip_choice(spec, args):
+    "(architecture, pretrained) of the CLIP for c_zs, resolved as latteclip-train resolves them (same defaults, same cache key)."
+    from types import SimpleNamespace
+    from latteclip_nb.experiment import resolve_model
+    return resolve_model(SimpleNamespace(model=args.clip_model or "", pretrained=args.pretrained or ""), spec)
+
+def _c_zs_key(spec, args) -> dict:
+    arch, pretrained = _clip_choice(spec, args)
+    return dict(model=arch, pretrained=str(pretrained), dataset=spec.name, split="train")
 
 def _zero_shot_labels(spec, split, args):
     "c_zs of the training split by the frozen CLIP (cached on disk)."
     from latteclip_nb.clip import load_clip, zero_shot_pseudo_labels
-    pretrained = None if str(args.pretrained).lower() in ("", "none", "random") else args.pretrained
     seed_everything(args.seed)
-    model, _, eval_tf, tokenizer = load_clip(args.clip_model, pretrained, device=args.device)
-    key = dict(model=args.clip_model, pretrained=str(pretrained), dataset=spec.name, split="train")
+    arch, pretrained = _clip_choice(spec, args)
+    model, _, eval_tf, tokenizer = load_clip(arch, pretrained, device=args.device)
     cache = Path(args.cache_dir) if args.cache_dir else cache_root()/"pseudo_labels"
-    pl = zero_shot_pseudo_labels(model, eval_tf, tokenizer, split, spec.template, cache, key, device=args.device)
+    pl = zero_shot_pseudo_labels(model, eval_tf, tokenizer, split, spec.template, cache, _c_zs_key(spec, args), device=args.device)
     return pl.c_zs
+
+def _cached_c_zs(spec, split, args, k: int = 5):
+    "c_zs of every image of `split` from the cache alone (no model, no weights), or None when any image is not cached."
+    from latteclip_nb.clip import _cache_paths, _load_cached, pseudo_label_key
+    full = pseudo_label_key(_c_zs_key(spec, args), spec.template, split.classnames, min(k, len(split.classnames)))
+    entry = _load_cached(*_cache_paths(Path(args.cache_dir) if args.cache_dir else cache_root()/"pseudo_labels", full), full)
+    if entry is None: return None
+    t, pos = entry
+    rows = [pos.get(c) for c in file_keys(split.root, split.ids)]
+    return None if any(r is None for r in rows) else t["c_zs"][torch.tensor(rows)]
 
 def build_captioner(backend: str = "auto",   # auto | llava | openai | tiny | simulated
                     spec=None,                # the dataset (auto and simulated look at it)
@@ -517,7 +548,8 @@ def build_captioner(backend: str = "auto",   # auto | llava | openai | tiny | si
                     device=None,
                     seed: int = 0,            # the simulated describer's seed
                     api_key: str = "EMPTY",
-                    concurrency: int = 8):
+                    concurrency: int = 8,
+                    bos: str = "request"):    # served <s>: "request" it (vLLM, SGLang) or the "server" adds it (transformers serve)
     """The captioner for a backend name; `auto` = simulated for the shapes world, a server if a URL is given, else LLaVA."""
     if backend == "auto":
         backend = "simulated" if getattr(spec, "kind", None) == "shapes" else ("openai" if server_url else "llava")
@@ -532,7 +564,8 @@ def build_captioner(backend: str = "auto",   # auto | llava | openai | tiny | si
         if not server_url:
             raise ValueError("the openai backend needs a server URL, e.g. http://localhost:8000/v1 "
                              "(start one with `vllm serve llava-hf/llava-v1.6-mistral-7b-hf`)")
-        return captioners.OpenAICaptioner(server_url, model or captioners.LLAVA_MODEL, api_key=api_key, concurrency=concurrency)
+        return captioners.OpenAICaptioner(server_url, model or captioners.LLAVA_MODEL, api_key=api_key, concurrency=concurrency,
+                                          bos=bos)
     if backend == "tiny":
         path = Path(model) if model else cache_root()/"tiny-llava"
         if not (path/"config.json").exists(): captioners.build_tiny_llava(path)
@@ -551,43 +584,81 @@ def call_plan(work: Work, n_classes: int, groups_per_class: int | None = None) -
                          f"--groups-per-class K: at most {n_classes} x K groups")
     return plan
 
+def call_bound(n: int, n_classes: int, kinds=KINDS, groups_per_class: int | None = None) -> dict:
+    """An upper bound on the LMM calls for `n` images before c_zs is known: one per image, plus one group per image or C x K groups."""
+    images = n if "image" in kinds else 0
+    groups = 0 if "group" not in kinds else (min(n, n_classes * groups_per_class) if groups_per_class else n)
+    return {"images": images, "groups": groups, "calls": images + groups, "groups_per_class": groups_per_class}
+
 def _plan_line(name: str, plan: dict) -> str:
     mode = f"{plan['groups_per_class']} groups per class" if plan["groups_per_class"] else "one group per image"
+    if plan.get("exact") is False:
+        return (f"{name}: this run needs at most {plan['calls']} LMM calls: {plan['images']} images + at most {plan['groups']} "
+                f"groups ({mode}); an upper bound: the exact count needs the zero-shot labels c_zs, which are not cached yet "
+                "for this CLIP (a run without --dry-run computes them)")
     other = f"; {plan['other']}" if "other" in plan else ""
     return (f"{name}: this run needs {plan['calls']} LMM calls: {plan['images']} images + {plan['groups']} groups "
             f"({mode}{other}), fewer if some are already in the store")
+
+def _check_args(args):
+    "One line for a count that cannot be right (shards, batch sizes), before anything is read."
+    if args.num_shards < 1: raise ValueError(f"--num-shards {args.num_shards}: must be >= 1 (1 for a single process)")
+    if not 0 <= args.shard < args.num_shards:
+        raise ValueError(f"--shard {args.shard} is not in 0..{args.num_shards - 1} (--num-shards {args.num_shards}): "
+                         "number the processes 0 .. num-shards - 1")
+    for flag in ("batch_size", "workers", "concurrency", "images_per_group"):
+        if getattr(args, flag) < 1: raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.groups_per_class is not None and args.groups_per_class < 1:
+        raise ValueError(f"--groups-per-class {args.groups_per_class}: must be >= 1 (leave it out for one group per image)")
+    check_device(args.device)
+
+def _dry_run(spec, split, args, out: Path) -> int:
+    "Print the size of the job without loading any model: exact when c_zs is cached, else an upper bound."
+    c_zs = _cached_c_zs(spec, split, args)
+    if c_zs is not None:
+        work = caption_work(spec, split, c_zs, tuple(args.kind), args.seed, args.images_per_group, args.groups_per_class,
+                            None, args.n_correct)
+        plan = {**call_plan(work, len(split.classnames), args.groups_per_class), "exact": True}
+    else: plan = {**call_bound(len(split), len(split.classnames), tuple(args.kind), args.groups_per_class), "exact": False}
+    print(f"latteclip-caption: {_plan_line(spec.name, plan)}", file=sys.stderr, flush=True)
+    print(json.dumps({"dataset": spec.name, "out": str(out), "dry_run": True, **plan}))
+    return 0
 
 def main(argv=None) -> int:
     """`latteclip-caption`: describe a dataset's training images and groups into the caption store."""
     args = caption_parser().parse_args(argv)
     if not logging.getLogger().handlers and not log.handlers: logging.basicConfig(format="%(message)s")
-    level = log.level
+    level, out, prog = log.level, None, "latteclip-caption"
     log.setLevel(logging.INFO)
     try:
+        _check_args(args)
         spec, split = _dataset(args)
-        out = Path(args.out) if args.out else cache_root()/"captions"/spec.name
+        out = Path(args.captions_dir).expanduser() if args.captions_dir else cache_root()/"captions"/spec.name
+        if args.dry_run: return _dry_run(spec, split, args, out)
         c_zs = _zero_shot_labels(spec, split, args)
         work = caption_work(spec, split, c_zs, tuple(args.kind), args.seed, args.images_per_group, args.groups_per_class,
                             None, args.n_correct)
         plan = call_plan(work, len(split.classnames), args.groups_per_class)
-        print(f"latteclip-caption: {_plan_line(spec.name, plan)}", file=sys.stderr, flush=True)
-        if args.dry_run:
-            print(json.dumps({"dataset": spec.name, "out": str(out), "dry_run": True, **plan}))
-            return 0
-        captioner = build_captioner(args.backend, spec, model=args.model, server_url=args.server_url,
+        print(f"{prog}: {_plan_line(spec.name, plan)}", file=sys.stderr, flush=True)
+        captioner = build_captioner(args.captioner, spec, model=args.captioner_model, server_url=args.server_url,
                                     single_view=not args.anyres, batch_size=args.batch_size, device=args.device,
-                                    seed=args.seed, api_key=args.api_key, concurrency=args.concurrency)
+                                    seed=args.seed, api_key=args.api_key, concurrency=args.concurrency, bos=args.bos)
         texts = describe_dataset(spec, split, c_zs, captioner, out, kinds=args.kind, batch_size=args.batch_size,
                                  shard=args.shard, num_shards=args.num_shards, seed=args.seed,
                                  images_per_group=args.images_per_group, groups_per_class=args.groups_per_class,
                                  n_correct=args.n_correct, workers=args.workers, work=work)
+        if texts is not None and args.save_texts: texts.save(args.save_texts)
+    except KeyboardInterrupt:
+        kept = (f"every finished batch of captions is kept in {out}" if out is not None and out.is_dir()
+                else "no caption was written yet (zero-shot labels computed so far are cached)")
+        print(f"{prog}: interrupted: {kept}; rerun the same command to continue from there", file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"latteclip-caption: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {error_line(e, out, cache_root())}", file=sys.stderr)
         return 2
     finally:
         log.setLevel(level)
     if getattr(captioner, "stats", None) is not None: print(f"{captioner.model_id}: {captioner.stats}", file=sys.stderr)
-    if texts is not None and args.save_texts: texts.save(args.save_texts)
     print(json.dumps({"dataset": spec.name, "out": str(out), "model": captioner.model_id, "shard": args.shard,
                       "num_shards": args.num_shards, "complete": texts is not None,
                       **({"images": len(texts.image), "groups": len(texts.group), "stats": texts.stats} if texts else {})}))

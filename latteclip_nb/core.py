@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['log', 'seed_everything', 'get_device', 'check_device', 'deprecated_flag', 'write_error', 'atomic_write_bytes',
-           'atomic_write_json', 'atomic_torch_save', 'read_json', 'cache_root', 'default_data_root', 'file_keys']
+           'atomic_write_json', 'atomic_torch_save', 'read_json', 'error_line', 'cache_root', 'default_data_root',
+           'file_keys']
 
 # %% ../nbs/00_core.ipynb #47c35b18
 import hashlib, json, logging, os, random, tempfile
@@ -125,6 +126,15 @@ def read_json(path):
     if not path.exists(): raise FileNotFoundError(f"{path} does not exist")
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON ({e}); delete or fix it") from e
+
+# %% ../nbs/00_core.ipynb #aa189c56
+def error_line(e: BaseException, *places) -> str:
+    """`e` as one line; a full disk that does not name a path gets the folders the command writes under (`places`)."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    where = [str(p) for p in places if p]
+    if getattr(e, "errno", None) in _FULL and where and not any(w in msg for w in where):
+        msg += f" (while writing under {' or '.join(where)}): free some space there, or choose a folder on another disk, then rerun"
+    return msg
 
 # %% ../nbs/00_core.ipynb #de62b361
 def cache_root() -> Path:

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .core import atomic_write_json, cache_root, get_device, log, seed_everything
+from .core import atomic_write_json, cache_root, check_device, deprecated_flag, error_line, get_device, log, seed_everything
 
 # %% ../nbs/13_experiment.ipynb #abe0eca0
 import hashlib, tempfile
 
 METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
-CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "openai", "tiny", "simulated"), group_sampling=("class", "own"),
+CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "openai", "tiny", "simulated"), bos=("request", "server"), group_sampling=("class", "own"),
                text_grad=("exact", "fast"), pseudo=("online", "fixed"),
                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
@@ -39,17 +39,19 @@ class ExperimentConfig:
     split_file: str = ""             # CoOp split_zhou_*.json, when not under data_root
     classes_file: str = ""           # custom folder: one class name per line
     domain: str = "object"           # custom folder: the domain word
-    test_root: str = ""              # custom folder: labeled test images (ImageFolder layout)
+    test_root: str = ""              # custom folder: labeled test images (ImageFolder layout); "" -> train only, no evaluation
+    name: str = ""                   # custom folder: its dataset name ("" -> the folder's parent and own name, e.g. birds-unlabeled)
     world_seed: int = 0              # shapes: seed of the rendered world (0: the default world)
     describer_errors: str = ""       # shapes: describer error rates to change, e.g. "q_shape=0.3,p_drop=0.1"
     class_names: str = ""            # shapes: the task's names for some classes, e.g. "diamond=lozenge,ring=annulus"
     out_dir: str = ""                # "" -> runs/<dataset>/<run name>
     captions_dir: str = ""           # caption store shared by all runs ("" -> <cache>/captions)
-    model: str = ""                  # OpenCLIP architecture ("" -> ViT-B-32; shapes: latte-shapes)
-    pretrained: str = ""             # tag, file or "none" ("" -> laion2b_s34b_b79k; shapes: shipped weights, or rare-names)
+    model: str = ""                  # OpenCLIP architecture, --clip-model ("" -> ViT-B-32; shapes: latte-shapes; or local-dir:FOLDER)
+    pretrained: str = ""             # tag, file or "none" ("" -> laion2b_s34b_b79k; shapes and latte-shapes: shipped weights, or rare-names)
     captioner: str = "auto"          # auto | llava | openai | tiny | simulated
     captioner_model: str = ""        # LMM id or folder ("" -> llava-hf/llava-v1.6-mistral-7b-hf)
     server_url: str = ""             # OpenAI-compatible server for captioner=openai
+    bos: str = "request"             # captioner=openai: request <s> (vLLM, SGLang) | server (transformers serve adds it itself)
     caption_batch_size: int = 8      # images per captioner call
     single_view: bool = True         # LLaVA sees one 336x336 view (the reference setting)
     seed: int = 0                    # seed of training, groups and the data fraction
@@ -124,7 +126,10 @@ class ExperimentConfig:
         if folder.is_dir():
             if self.classes_file: _need(self.classes_file, "classes_file", file=True)
             if self.test_root: _need(self.test_root, "test_root")
+            elif self.method in _EVAL_ONLY:
+                raise ValueError(f"method={self.method} only evaluates: give test_root, a labeled folder (one sub-folder of images per class)")
         else:
+            if self.name: raise ValueError(f"name={self.name!r} names a custom folder; dataset={self.dataset!r} has its own name: leave name unset")
             from latteclip_nb.data import get_spec
             if shapes: import latteclip_nb.shapes  # registers the offline world
             rendered = get_spec(self.dataset).kind == "shapes"   # an unknown name, or a path to no folder: one line
@@ -141,7 +146,7 @@ class ExperimentConfig:
 
     def run_name(self) -> str:
         """A readable name that changes with every non-default field that affects results."""
-        skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "out_dir", "captions_dir",
+        skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "name", "out_dir", "captions_dir",
                 "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every"}
         default = ExperimentConfig(dataset=self.dataset, method=self.method)
         parts = [self.method] + [f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self)
@@ -154,6 +159,7 @@ def _short(v, n: int = 40) -> str:
     return v if len(v) <= n else f"{v[:16]}~{hashlib.sha256(v.encode()).hexdigest()[:8]}"
 
 _KIND_WORDS = dict(bool="true or false", int="an integer", float="a number", str="a string")
+_EVAL_ONLY = ("zeroshot", "llava_zs", "reclip")   # methods that need a labeled test split to do anything
 
 def _kind(f) -> str:
     "bool | int | float | str: the kind of a config field."
@@ -164,17 +170,8 @@ class _Kind:
     kind: str
 
 def _check_device(device: str):
-    "One line when `device` is malformed or names hardware that is not there."
-    if not device: return
-    try: dev = torch.device(device)
-    except (RuntimeError, ValueError): raise ValueError(f"device={device!r} is not a device: use cpu, cuda, cuda:N or mps (or leave it empty)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but no CUDA GPU is visible here (torch.cuda.is_available() is False): use device=cpu or leave it empty")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible: use cuda:0..{torch.cuda.device_count() - 1}")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device={device!r} but MPS is not available here: use device=cpu or leave it empty")
+    "One line when `device` is malformed or names hardware that is not there (`core.check_device`, as every command)."
+    check_device(device)
 
 def _need(path, field: str, file: bool = False):
     "One line when the folder (or file) a config field names does not exist."
@@ -308,7 +305,8 @@ def resolve_data(cfg: ExperimentConfig):
     from latteclip_nb import core, data
     folder = Path(cfg.dataset).expanduser()
     if folder.is_dir():
-        dom = data.FolderDomain(folder, classes_file=cfg.classes_file or None, domain=cfg.domain, test_root=cfg.test_root or None)
+        dom = data.FolderDomain(folder, classes_file=cfg.classes_file or None, domain=cfg.domain, test_root=cfg.test_root or None,
+                                name=cfg.name or None)
         return dom.spec, dom.splits()
     if cfg.dataset == "shapes":   # the offline world, or a variant of it (world_seed, describer_errors, class_names)
         from latteclip_nb.shapes import shapes_variant
@@ -318,20 +316,24 @@ def resolve_data(cfg: ExperimentConfig):
     return spec, data.splits(spec.name, root, split_file=cfg.split_file or None)
 
 def resolve_model(cfg: ExperimentConfig, spec):
-    """(architecture, pretrained) for a config: the paper's ViT-B-32 LAION-2B, or the shapes world's own model."""
+    """(architecture, pretrained) for a config: the paper's ViT-B-32 LAION-2B, the shapes world's own model, or a folder's."""
+    from latteclip_nb.shapes import RARE_PRETRAINED, SHAPES_MODEL, SHAPES_CHECKPOINT, rare_names_checkpoint
     if spec.kind == "shapes":
-        from latteclip_nb.shapes import RARE_PRETRAINED, SHAPES_MODEL, SHAPES_CHECKPOINT, rare_names_checkpoint
         if cfg.pretrained == RARE_PRETRAINED: return cfg.model or SHAPES_MODEL, str(rare_names_checkpoint())
         default = (SHAPES_MODEL, str(SHAPES_CHECKPOINT))
     else: default = ("ViT-B-32", "laion2b_s34b_b79k")
+    arch = cfg.model or default[0]
+    if not cfg.pretrained and arch != default[0]:   # another architecture: its own weights, never the default's tag
+        if arch.startswith(("hf-hub:", "local-dir:")): return arch, None   # the folder carries them
+        if arch == SHAPES_MODEL: return arch, str(SHAPES_CHECKPOINT)      # the package ships them
     pretrained = cfg.pretrained or default[1]
-    return cfg.model or default[0], None if pretrained.lower() == "none" else pretrained
+    return arch, None if pretrained.lower() in ("none", "random") else pretrained
 
 def make_captioner(cfg: ExperimentConfig, spec, device=None):
     """The captioner a config asks for (`auto`: the simulated describer for shapes, else LLaVA or a server)."""
     from latteclip_nb.captions import build_captioner
     return build_captioner(cfg.captioner, spec, model=cfg.captioner_model, server_url=cfg.server_url,
-                           single_view=cfg.single_view, batch_size=cfg.caption_batch_size, device=device)
+                           single_view=cfg.single_view, batch_size=cfg.caption_batch_size, device=device, bos=cfg.bos)
 
 # %% ../nbs/13_experiment.ipynb #5b7784cf
 _TRAIN_METHODS = ("latteclip", "flyp_pl", "oracle")
@@ -365,7 +367,7 @@ def _spec_and_size(cfg: ExperimentConfig):
     if cfg.dataset == "shapes": import latteclip_nb.shapes  # registers the offline world (renders nothing)
     if Path(cfg.dataset).expanduser().is_dir():
         dom = data.FolderDomain(Path(cfg.dataset).expanduser(), classes_file=cfg.classes_file or None, domain=cfg.domain,
-                                test_root=cfg.test_root or None)
+                                test_root=cfg.test_root or None, name=cfg.name or None)
         return dom.spec, len(dom._train_ids())
     spec = data.get_spec(cfg.dataset)
     return spec, spec.n_train
@@ -438,7 +440,7 @@ def _previous_run(out: Path, cfg: ExperimentConfig, overwrite: bool, rank: int):
                              "overwrite=True (latteclip-train --overwrite) to replace it")
         log.warning(f"overwrite: replacing the finished run in {out}")
         restart = True
-    elif started.exists():
+    elif started.exists() and any((out/d).exists() for d in ("train", "reclip")):   # a config.json alone holds no work
         diff = config_diff(read_json(started), cfg)
         if diff and cfg.resume and not overwrite:
             raise ValueError(f"{out} holds an interrupted run with another config ({'; '.join(diff)}): {ways}start it over "
@@ -466,15 +468,17 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     spec = recipe_spec(cfg, spec)   # the recipe's class template, for c_zs, the prototypes and the zero-shot baseline
     out = Path(cfg.out_dir).expanduser() if cfg.out_dir else Path("runs")/spec.name/cfg.run_name()
     metrics_path = out/"metrics.json"
+    test_split = sp["test"] if sp["test"] is not None and sp["test"].labels else None
+    if test_split is None:   # refused or noted before anything is written to out
+        if cfg.method in _EVAL_ONLY: raise ValueError(f"{spec.name}: method={cfg.method} needs a labeled test split (for a custom folder pass test_root)")
+        log.warning(f"{spec.name}: no labeled test split (test_root): training only, without evaluation (metrics.json gets no top-1)")
     done, restart = _previous_run(out, cfg, overwrite, rank)
     if done is not None: return done
-    train_split, test_split = sp["train"], sp["test"]
+    train_split = sp["train"]
     if cfg.data_fraction < 1:
         g = torch.Generator().manual_seed(cfg.seed)
         keep = torch.randperm(len(train_split), generator=g)[:max(1, round(cfg.data_fraction * len(train_split)))].sort().values
         train_split = train_split.subset(keep.tolist())
-    if test_split is None or not test_split.labels:
-        raise ValueError(f"{spec.name}: no labeled test split to evaluate on (for a custom folder pass test_root)")
     arch, pretrained = resolve_model(cfg, spec)
     if spec.kind == "shapes":
         from latteclip_nb.shapes import RARE_PRETRAINED, rare_names_checkpoint
@@ -485,14 +489,14 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     classnames = train_split.classnames
     class_texts = [class_description(spec, c) for c in classnames]
     metrics = dict(method=cfg.method, recipe=cfg.recipe, template=spec.template, dataset=spec.name, model=arch, pretrained=pretrained, n_train=len(train_split),
-                   n_test=len(test_split), n_classes=len(classnames), classnames=classnames)
+                   n_test=len(test_split) if test_split else 0, n_classes=len(classnames), classnames=classnames)
     if spec.kind == "shapes":   # which world and which describer errors this run saw
         from latteclip_nb.shapes import DESCRIBER_ERRORS
         metrics["world"] = dict(seed=spec.world.seed, key=spec.world.key(), describer_errors={k: getattr(spec, k) for k in DESCRIBER_ERRORS})
     from latteclip_nb.evaluate import accuracy_report, evaluate
-    zs = evaluate(model, eval_tf, test_split, text_classifier(model, tokenizer, classnames, [spec.template], device=device),
-                  batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers)
-    metrics["zeroshot_top1"] = _pct(zs["top1"])
+    zs = None if test_split is None else evaluate(model, eval_tf, test_split, text_classifier(model, tokenizer, classnames, [spec.template], device=device),
+                                                  batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers)
+    metrics["zeroshot_top1"] = None if zs is None else _pct(zs["top1"])
     history, captioner_id = None, None
     if cfg.method == "zeroshot":
         result = zs
@@ -527,12 +531,12 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
                     labels=train_split.labels, device=device)
         history = res.history
         if rank != 0: _barrier(); return {}
-        result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
-                          num_workers=cfg.num_workers)
+        result = None if test_split is None else evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size,
+                                                          device=device, num_workers=cfg.num_workers)
         metrics["classifier_path"] = str(res.classifier_path) if res.classifier_path else None
-    if "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
+    if result is not None and "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
         result = {**result, **accuracy_report(result["preds"], test_split.labels, len(classnames))}
-    metrics.update(top1=_pct(result["top1"]), per_class=[_pct(a) for a in result["per_class"]],
+    metrics.update(top1=None if result is None else _pct(result["top1"]), per_class=None if result is None else [_pct(a) for a in result["per_class"]],
                    paper_row=list(paper_row(cfg) or ()) or None, paper_top1=paper_top1(cfg, spec.name), captioner=captioner_id, history=history,
                    config=asdict(cfg), git_commit=git_commit(), wall_time_s=round(time.time() - t0, 1))
     _save_figures(result, history, classnames, out)
@@ -559,7 +563,7 @@ def _save_figures(result, history, classnames, out):
     import matplotlib.pyplot as plt
     from latteclip_nb.evaluate import plot_confusion, plot_history, plot_per_class
     figs = out/"figures"; figs.mkdir(parents=True, exist_ok=True)
-    for name, fn in [("per_class", lambda ax: plot_per_class(result, classnames, ax=ax)),
+    for name, fn in [] if result is None else [("per_class", lambda ax: plot_per_class(result, classnames, ax=ax)),
                      ("confusion", lambda ax: plot_confusion(result, classnames, ax=ax))]:
         fig, ax = plt.subplots(figsize=(8, 5)); fn(ax); fig.tight_layout(); fig.savefig(figs/f"{name}.png", dpi=90); plt.close(fig)
     if history:
@@ -581,6 +585,8 @@ def _field_help() -> dict:
     except (OSError, TypeError, ImportError): return {}
     return dict(re.findall(r"^    (\w+): [^=]+=.*?#\s*(.+?)\s*$", src, flags=re.M))
 
+_FLAGS = dict(model="--clip-model")   # a field whose flag is not its name: --model would be ambiguous beside --captioner-model
+
 def config_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per ExperimentConfig field, each with a one-line description."""
     p = argparse.ArgumentParser(
@@ -588,7 +594,7 @@ def config_parser() -> argparse.ArgumentParser:
         "Booleans are written --use-mixer false / --use-mixer true (also 0/1, no/yes); --resume/--no-resume take no value.")
     notes = _field_help()
     for f in dataclasses.fields(ExperimentConfig):
-        flag, kind, note = "--" + f.name.replace("_", "-"), _kind(f), notes.get(f.name, "")
+        flag, kind, note = _FLAGS.get(f.name, "--" + f.name.replace("_", "-")), _kind(f), notes.get(f.name, "")
         if f.name == "resume":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                            help=f"{note} (default: --resume)")
@@ -600,7 +606,25 @@ def config_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace what out_dir holds (a finished run, or an interrupted one with another config)")
     p.add_argument("--print-config", action="store_true", help="print the resolved run as JSON and exit (reads no data or weights)")
+    deprecated_flag(p, "--model", "--clip-model")   # the LMM is --captioner-model in every command
     return p
+
+def _out_of(cfg: ExperimentConfig) -> Path:
+    "The run's out_dir as run_experiment chooses it (runs/<dataset name>/<run name> by default)."
+    if cfg.out_dir: return Path(cfg.out_dir).expanduser()
+    try: name = resolve_data(cfg)[0].name if cfg.dataset == "shapes" else _spec_and_size(cfg)[0].name
+    except Exception: name = Path(cfg.dataset).name
+    return Path("runs")/name/cfg.run_name()
+
+def _interrupted(cfg) -> str:
+    "The line for Ctrl-C: what was kept and how to go on."
+    if cfg is None: return "interrupted before the run started; nothing was written"
+    ckpt = _out_of(cfg)/"train"/"checkpoint.pt"
+    if ckpt.exists():
+        return (f"interrupted: training state is kept in {ckpt} (saved every {cfg.ckpt_every or 'epoch'} steps); rerun the same "
+                "command to resume from it")
+    return ("interrupted before the first training checkpoint: the zero-shot labels and captions computed so far are cached; "
+            "rerun the same command to continue")
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split("\n")).strip() or type(e).__name__
@@ -614,14 +638,18 @@ def main(argv=None):
         try: print(json.dumps(resolved_run(ExperimentConfig(**args)), indent=1))
         except (ValueError, OSError) as e: sys.exit(f"latteclip-train: error: {_one_line(e)}")
         return
+    cfg = None
     try:
         cfg = ExperimentConfig(**args).validate()   # before anything is loaded
         m = run_experiment(cfg, overwrite=overwrite)
+    except KeyboardInterrupt:
+        if os.environ.get("LATTECLIP_DEBUG"): raise
+        print(f"latteclip-train: {_interrupted(cfg)}", file=sys.stderr); sys.exit(130)
     # ValueError, OSError (missing, unreadable, unwritable, full) and RuntimeError (the captioner's server, offline weights)
     # say what is wrong and what to do in their message: print that line, as latteclip-caption does
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("LATTECLIP_DEBUG"): raise
-        sys.exit(f"latteclip-train: error: {_one_line(e)}")
+        sys.exit(f"latteclip-train: error: {error_line(e, _out_of(cfg) if cfg else None, cache_root())}")
     if m: print(json.dumps({k: m[k] for k in ("method", "recipe", "dataset", "top1", "zeroshot_top1", "paper_top1") if k in m}))
 
 # %% ../nbs/13_experiment.ipynb #441936fd
