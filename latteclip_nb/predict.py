@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .core import _atomic, default_data_root, get_device, log
+from .core import _atomic, check_device, default_data_root, get_device, log
 from .data import IMG_EXTENSIONS, Split, list_images, load_image
 from .evaluate import evaluate, save_results
 from .train import Classifier, load_classifier
@@ -111,8 +111,8 @@ def _fail(prog: str, msg: str, code: int = 2) -> int:
     return code
 
 def _load(folder, device):
-    "(the classifier, None), or (None, the reason it cannot be loaded)."
-    try: return load_classifier(folder, device=device), None
+    "(the classifier, None), or (None, the reason it cannot be loaded: a missing or damaged file, a device that is not there)."
+    try: check_device(device); return load_classifier(folder, device=device), None
     except (FileNotFoundError, ValueError, KeyError, OSError) as e: return None, str(e).strip('"')
 
 def predict_parser() -> argparse.ArgumentParser:
@@ -208,7 +208,8 @@ def evaluate_classifier(clf: Classifier, split: Split, out=None, batch_size: int
             raise FileExistsError(f"{out/'results.json'} exists: pass --overwrite to replace it, or choose another --out")
     r = evaluate(clf.model, clf.transform, split, clf.weights, batch_size=batch_size, device=clf.device, num_workers=num_workers)
     names = list(split.classnames)
-    res = dict(top1=r["top1"], per_class=dict(zip(names, r["per_class"])), n=r["n"], unreadable=r["unreadable"],
+    pct = lambda a: None if a != a else 100 * float(a)   # percent, as metrics.json; None for a class absent from the split
+    res = dict(top1=pct(r["top1"]), per_class=dict(zip(names, map(pct, torch.as_tensor(r["per_class"]).tolist()))), n=r["n"], unreadable=r["unreadable"],
                classnames=names, confusion=r["confusion"], source=source, classifier=clf.meta.get("path", ""),
                method=clf.meta.get("method"), model=clf.meta.get("model"),
                predictions=[dict(path=i, label=names[l], prediction=names[p] if p >= 0 else None)
@@ -217,7 +218,7 @@ def evaluate_classifier(clf: Classifier, split: Split, out=None, batch_size: int
         out.mkdir(parents=True, exist_ok=True)
         _save_plots(r, names, out)
         save_results(res, out/"results.json")   # written last: its presence marks a finished evaluation
-    return {**res, "per_class_list": r["per_class"]}
+    return {**res, "per_class_list": [pct(a) for a in torch.as_tensor(r["per_class"]).tolist()]}
 
 # %% ../nbs/10a_predict.ipynb #a0c1e026
 def eval_parser() -> argparse.ArgumentParser:
@@ -250,8 +251,8 @@ def eval_main(argv=None) -> int:
         split = labeled_folder(a.test_root, clf.classnames) if a.test_root else dataset_test_split(a.dataset, clf.classnames, a.data_root)
     except (FileNotFoundError, ValueError, KeyError) as e: return _fail(prog, str(e).strip('"'))
     r = evaluate_classifier(clf, split, out, a.batch_size, a.num_workers, source=str(a.test_root or a.dataset), overwrite=a.overwrite)
-    worst = sorted((v, c) for c, v in r["per_class"].items() if v == v)[:3]
-    print(f"{prog}: top-1 {100 * r['top1']:.2f}% on {r['n']} images ({r['unreadable']} unreadable, counted wrong); "
-          f"worst classes: {', '.join(f'{c} {100 * v:.1f}%' for v, c in worst)}; results in {out}/results.json, {out}/confusion.png")
+    worst = sorted((v, c) for c, v in r["per_class"].items() if v is not None)[:3]
+    print(f"{prog}: top-1 {r['top1']:.2f}% on {r['n']} images ({r['unreadable']} unreadable, counted wrong); "
+          f"worst classes: {', '.join(f'{c} {v:.1f}%' for v, c in worst)}; results in {out}/results.json, {out}/confusion.png")
     print(json.dumps(dict(top1=r["top1"], n=r["n"], unreadable=r["unreadable"], results=str(out/"results.json"))))
     return 0

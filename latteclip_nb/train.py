@@ -647,15 +647,21 @@ def load_classifier(path, device=None, model_name: Optional[str] = None) -> Clas
             raise FileNotFoundError(f"{path/name} is missing: {path} is not a complete classifier export (train writes <out_dir>/classifier)")
     meta = read_json(path/"classifier.json")
     weights_file = _weights_file(path)
-    if model_name is None and (path/OPEN_CLIP_CONFIG).is_file() and weights_file.name == WEIGHTS_FILE:
-        model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{path.resolve()}", device="cpu")
-    else:
-        from latteclip_nb.clip import load_clip
-        arch = model_name or meta.get("model")
-        if not arch: raise ValueError(f"{path/'classifier.json'} does not name its architecture: pass model_name= (e.g. 'ViT-B-32')")
-        model, _, eval_tf, _ = load_clip(arch, pretrained=None, device="cpu")
-        model.load_state_dict(load_file(str(weights_file)))
-    weights = load_file(str(path/"classifier.safetensors"))["classifier"]
+    def damaged(f, e): return ValueError(f"{f} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]}): copy the "
+                                         f"classifier folder {path} again, or export it again by rerunning training")
+    try:
+        if model_name is None and (path/OPEN_CLIP_CONFIG).is_file() and weights_file.name == WEIGHTS_FILE:
+            model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{path.resolve()}", device="cpu")
+        else:
+            from latteclip_nb.clip import load_clip
+            arch = model_name or meta.get("model")
+            if not arch: raise ValueError(f"{path/'classifier.json'} does not name its architecture: pass model_name= (e.g. 'ViT-B-32')")
+            model, _, eval_tf, _ = load_clip(arch, pretrained=None, device="cpu")
+            model.load_state_dict(load_file(str(weights_file)))
+    except (ValueError, FileNotFoundError): raise
+    except Exception as e: raise damaged(weights_file, e) from None   # safetensors' and torch's errors on a torn or foreign file
+    try: weights = load_file(str(path/"classifier.safetensors"))["classifier"]
+    except Exception as e: raise damaged(path/"classifier.safetensors", e) from None
     if len(weights) != len(meta["classnames"]):
         raise ValueError(f"{path}: classifier.safetensors has {len(weights)} class vectors but classifier.json names {len(meta['classnames'])} classes")
     return Classifier(model.eval(), eval_tf, weights, meta["classnames"], device, meta)
@@ -764,7 +770,10 @@ def train(
     st = dict(step=0, epoch=0, batch=0, history=[], acc=None)
     if rank == 0: out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try: saved = torch.load(ckpt, map_location="cpu", weights_only=True); saved["config"], saved["n_train"], saved["trainer"]
+        except Exception as e:   # torch's own advice for a damaged file (weights_only=False) must never reach a user
+            raise ValueError(f"{ckpt} is damaged or not a training checkpoint ({type(e).__name__}): rerun with --no-resume "
+                             "(resume=False) to start this run over, or --overwrite to replace the whole out-dir") from None
         diff = _config_diff(saved["config"], cfg)
         if saved["n_train"] != N: diff.append(f"training images: {saved['n_train']} -> {N}")
         if diff:
