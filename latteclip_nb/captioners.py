@@ -422,7 +422,7 @@ class OpenAICaptioner:
         if (isinstance(e, self._openai.APIStatusError) and self.bos == "request"
                 and (e.status_code == 422 or (e.status_code == 400 and "add_special_tokens" in said))):
             return (f"{self.base_url} does not take the add_special_tokens field (bos='request'): if the server adds <s> "
-                    f"itself, as `transformers serve` does, pass bos='server' ({e}). {done}")
+                    f"itself, as `transformers serve` does, pass bos='server' (--bos server to latteclip-caption and latteclip-train) ({e}). {done}")
         return f"{len(errors)} of {n} requests to {self.base_url} failed: {type(e).__name__}: {e}. {done}"
 
     def describe(self, images: list, prompts: list[str]) -> list[str]:

@@ -6,8 +6,8 @@
 __all__ = ['METHODS', 'CHOICES', 'FREE_FIELDS', 'PAPER_DATASETS', 'PAPER_TABLES', 'PAPER_TABLE1', 'ExperimentConfig',
            'config_from_params', 'paper_row', 'paper_top1', 'resolve_data', 'resolve_model', 'make_captioner',
            'recipe_spec', 'train_config', 'resolved_run', 'git_commit', 'config_diff', 'run_experiment',
-           'config_parser', 'main', 'run_dir', 'sweep', 'collect', 'summarize', 'markdown_table', 'result_table',
-           'compare_table']
+           'config_parser', 'main', 'one_line_errors', 'run_dir', 'sweep', 'collect', 'summarize', 'markdown_table',
+           'result_table', 'compare_table']
 
 # %% ../nbs/13_experiment.ipynb #efecac59
 import argparse, dataclasses, json, os, subprocess, sys, time
@@ -651,6 +651,20 @@ def main(argv=None):
         if os.environ.get("LATTECLIP_DEBUG"): raise
         sys.exit(f"latteclip-train: error: {error_line(e, _out_of(cfg) if cfg else None, cache_root())}")
     if m: print(json.dumps({k: m[k] for k in ("method", "recipe", "dataset", "top1", "zeroshot_top1", "paper_top1") if k in m}))
+
+# %% ../nbs/13_experiment.ipynb #42d4d681
+def one_line_errors(types=(ValueError, OSError, RuntimeError)) -> bool:
+    """In a notebook kernel, show errors of `types` as one line (`Type: message`); False outside IPython or with LATTECLIP_DEBUG."""
+    try: from IPython import get_ipython
+    except ImportError: return False
+    shell = get_ipython()
+    if shell is None or os.environ.get("LATTECLIP_DEBUG"): return False
+    def show(shell, etype, value, tb, tb_offset=None):
+        line = [f"{etype.__name__}: {_one_line(value)}"]
+        try: shell._showtraceback(etype, value, line)   # the kernel's error message, with this line as its traceback
+        except AttributeError: print(line[0], file=sys.stderr)
+    shell.set_custom_exc(tuple(types), show)
+    return True
 
 # %% ../nbs/13_experiment.ipynb #441936fd
 def run_dir(out_root, params: dict) -> Path:
