@@ -389,22 +389,37 @@ def _unregister(name):
 
 def test_cli_dry_run_counts_lmm_calls_without_loading_it(tmp_path, monkeypatch, capsys):
     import latteclip_nb.captions as C
+    import latteclip_nb.clip as clip
     name = "shapes-dry-run-test"
     _shapes(name)
     monkeypatch.setenv("LATTECLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(C, "build_captioner", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("LMM loaded")))
-    common = [name, "--root", str(tmp_path / "data"), "--backend", "llava", "--clip-model", "latte-tiny",
+    common = [name, "--data-root", str(tmp_path / "data"), "--captioner", "llava", "--clip-model", "latte-tiny",
               "--pretrained", "none", "--device", "cpu", "--cache-dir", str(tmp_path / "c_zs"), "--dry-run"]
     try:
+        load_clip = clip.load_clip
+        monkeypatch.setattr(clip, "load_clip", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("CLIP loaded")))
+        assert C.main(common) == 0                                    # no c_zs cached: an upper bound, no model at all
+        bound = capsys.readouterr()
+        assert C.main(common + ["--groups-per-class", "1"]) == 0
+        bound_capped = capsys.readouterr()
+        monkeypatch.setattr(clip, "load_clip", load_clip)
+        a = C.caption_parser().parse_args(common)
+        spec, split = C._dataset(a)
+        C._zero_shot_labels(spec, split, a)                           # what a real run computes first, and caches
+        monkeypatch.setattr(clip, "load_clip", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("CLIP loaded")))
         assert C.main(common) == 0
         one = capsys.readouterr()
         assert C.main(common + ["--groups-per-class", "1"]) == 0
         capped = capsys.readouterr()
     finally: _unregister(name)
+    b1, b2 = json.loads(bound.out.strip().splitlines()[-1]), json.loads(bound_capped.out.strip().splitlines()[-1])
+    assert not b1["exact"] and (b1["images"], b1["groups"], b1["calls"]) == (16, 16, 32) and "at most 32 LMM calls" in bound.err
+    assert not b2["exact"] and b2["groups"] == 10 and "upper bound" in bound_capped.err          # 10 classes x 1
     p1, p2 = json.loads(one.out.strip().splitlines()[-1]), json.loads(capped.out.strip().splitlines()[-1])
-    assert p1["dry_run"] and p1["images"] == 16 and p1["calls"] == 16 + p1["groups"] and 0 < p1["groups"] <= 16
+    assert p1["dry_run"] and p1["exact"] and p1["images"] == 16 and p1["calls"] == 16 + p1["groups"] and 0 < p1["groups"] <= 16
     assert f"this run needs {p1['calls']} LMM calls: 16 images + {p1['groups']} groups (one group per image" in one.err
-    assert p2["groups"] <= 3 and p2["calls"] == 16 + p2["groups"] and "1 groups per class" in capped.err
+    assert p2["exact"] and p2["groups"] <= 3 and p2["calls"] == 16 + p2["groups"] and "1 groups per class" in capped.err
     assert not (tmp_path / "cache" / "captions").exists()
 
 

@@ -7,7 +7,7 @@ import pytest
 from latteclip_nb.data import make_fake_dataset
 from latteclip_nb.experiment import ExperimentConfig, run_experiment
 
-TINY = ["--model", "latte-tiny", "--pretrained", "none", "--num-workers", "0", "--batch-size", "4"]
+TINY = ["--clip-model", "latte-tiny", "--pretrained", "none", "--num-workers", "0", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_cli_bad_dataset_is_one_line(world):
     r = _cli(["--dataset", "nonesuch", *TINY], env, root)
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()[-1]
-    assert "unknown dataset 'nonesuch'" in err and "eurosat" in err
+    assert "unknown dataset 'nonesuch'" in err and "eurosat" in err and "shapes" in err
 
 
 @pytest.mark.parametrize("method", ["zeroshot", "flyp_pl", "oracle", "reclip", "llava_zs"])
@@ -184,12 +184,15 @@ NB = Path(__file__).resolve().parents[1] / "nbs" / "90_experiment.ipynb"
 
 
 @pytest.mark.parametrize("params, words", [(["lerning_rate", "0.1"], ["unknown parameter", "lerning_rate", "valid parameters", "lr"]),
-                                           (["epochs", "abc"], ["epochs='abc'", "integer"])])
+                                           (["epochs", "abc"], ["epochs='abc'", "integer"]),
+                                           (["dataset", "nonesuch"], ["unknown dataset 'nonesuch'", "shapes"])])
 def test_papermill_bad_parameter_stops_the_notebook(tmp_path, params, words):
     r = subprocess.run([str(BIN / "papermill"), str(NB), str(tmp_path / "out.ipynb"), "-p", *params, "--cwd", str(NB.parent)],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and all(w in r.stderr for w in words), r.stderr[-3000:]
     assert "Unable to parse" not in r.stderr        # the parameters cell parses without papermill warnings
+    line = r.stderr.strip().splitlines()[-1]        # the notebook's error is the one line, not a trace through the package
+    assert line.startswith("ValueError: ") and all(w in line for w in words) and "experiment.py" not in r.stderr
 
 
 def test_cli_custom_folder_without_weights_offline_fails_at_once(world, tmp_path):
