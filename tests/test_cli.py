@@ -114,7 +114,7 @@ def test_walkthrough_against_transformers_serve(domain, tiny_llava, server):
     r = _cmd("latteclip-eval", [clf, "--test-root", root / "birds" / "test", "--out", root / "eval", "--num-workers", 0], env, root)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((root / "eval" / "results.json").read_text())
-    assert abs(res["top1"] - m["top1"]) < 1e-9 and f"top-1 {m['top1']:.2f}%" in r.stderr
+    assert abs(res["top1"] - m["top1"]) < 1e-9 and f"top-1 {m['top1']:.2f}%" in r.stdout
 
     # the exported folder is a CLIP model for every command: local-dir: needs no --pretrained
     r = _cmd("latteclip-train", [*data, "--method", "zeroshot", "--clip-model", f"local-dir:{clf}", "--test-root", root / "birds" / "test",
