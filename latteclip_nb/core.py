@@ -115,10 +115,22 @@ def atomic_write_json(path, obj, indent=2) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=indent, default=str) + "\n").encode())
 
 def atomic_torch_save(obj, path) -> Path:
-    """`torch.save` to `path` atomically."""
-    with _atomic(path) as tmp:
+    """`torch.save` to `path` atomically; a Ctrl-C meanwhile is held until the file is complete, then raised."""
+    with _held_interrupt(), _atomic(path) as tmp:
         with open(tmp, "wb") as f: torch.save(obj, f)   # a Python file: a full disk raises OSError(ENOSPC), not a C++ error
     return Path(path)
+
+@contextmanager
+def _held_interrupt():
+    "Hold SIGINT for the block (torch.save turns an interrupted write into a C++ error), then deliver it."
+    import signal, threading
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    got = []
+    old = signal.signal(signal.SIGINT, lambda *a: got.append(a))
+    try: yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got and callable(old): old(*got[0])
 
 def read_json(path):
     """Read a JSON file, with an error that names the file when it is missing or invalid."""
