@@ -208,8 +208,8 @@ def evaluate_classifier(clf: Classifier, split: Split, out=None, batch_size: int
             raise FileExistsError(f"{out/'results.json'} exists: pass --overwrite to replace it, or choose another --out")
     r = evaluate(clf.model, clf.transform, split, clf.weights, batch_size=batch_size, device=clf.device, num_workers=num_workers)
     names = list(split.classnames)
-    pct = lambda a: None if a != a else 100 * float(a)   # percent, as metrics.json; None for a class absent from the split
-    res = dict(top1=pct(r["top1"]), per_class=dict(zip(names, map(pct, torch.as_tensor(r["per_class"]).tolist()))), n=r["n"], unreadable=r["unreadable"],
+    pct = lambda a: None if float(a) != float(a) else 100 * float(a)   # percent, as metrics.json; None for a class absent from the split
+    res = dict(top1=pct(r["top1"]), per_class=dict(zip(names, map(pct, r["per_class"]))), n=r["n"], unreadable=r["unreadable"],
                classnames=names, confusion=r["confusion"], source=source, classifier=clf.meta.get("path", ""),
                method=clf.meta.get("method"), model=clf.meta.get("model"),
                predictions=[dict(path=i, label=names[l], prediction=names[p] if p >= 0 else None)
@@ -218,7 +218,7 @@ def evaluate_classifier(clf: Classifier, split: Split, out=None, batch_size: int
         out.mkdir(parents=True, exist_ok=True)
         _save_plots(r, names, out)
         save_results(res, out/"results.json")   # written last: its presence marks a finished evaluation
-    return {**res, "per_class_list": [pct(a) for a in torch.as_tensor(r["per_class"]).tolist()]}
+    return {**res, "per_class_list": [pct(a) for a in r["per_class"]]}
 
 # %% ../nbs/10a_predict.ipynb #a0c1e026
 def eval_parser() -> argparse.ArgumentParser:
