@@ -23,13 +23,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from tqdm.auto import tqdm
 from transformers import (AutoConfig, BitsAndBytesConfig, CLIPImageProcessor, CLIPVisionConfig, GenerationConfig,
                           LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                           LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
                           LlavaProcessor, MistralConfig, PreTrainedTokenizerFast)
 
-from .core import atomic_write_json, cache_root, file_keys, get_device, log
+from .core import atomic_write_json, cache_root, file_keys, get_device, log, progress_bar
 from .data import load_image
 from .prompts import llava_chat, llava_zero_shot_prompt
 
@@ -531,7 +530,7 @@ def llava_zero_shot(captioner, split, batch_size: int = 8, cache_file=None) -> d
             if f.read(1) != b"\n": f.write(b"\n")
     todo = [i for i, k in enumerate(split.ids) if k not in done]
     paths = split.paths
-    for s in tqdm(range(0, len(todo), batch_size), desc="LLaVA zero-shot", unit="batch", disable=not todo):
+    for s in progress_bar(range(0, len(todo), batch_size), desc="LLaVA zero-shot", unit="batch", disable=not todo):
         idx, images = [], []
         for i in todo[s:s + batch_size]:
             try: images.append(load_image(paths[i])); idx.append(i)

@@ -16,12 +16,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 try: import fcntl
 except ImportError: fcntl = None  # no file locks on Windows: give every process its own shard
 
-from .core import atomic_write_json, cache_root, default_data_root, file_keys, log, read_json, seed_everything
+from .core import atomic_write_json, cache_root, default_data_root, file_keys, log, progress_bar, read_json, seed_everything
 from .collage import as_label_array, make_collage, sample_groups, sample_groups_gt
 from .data import load_image
 from .prompts import group_prompt, image_prompt
@@ -309,8 +308,7 @@ def run_captioner(captioner, split, items: list, store: CaptionStore, batch_size
     """Describe `items` in batches, appending each batch's answers to `store`; returns counts of this run."""
     model, counts = captioner.model_id, Counter()
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    bar = tqdm(total=len(items), desc=desc, unit="cap", dynamic_ncols=True, smoothing=0.05,
-               mininterval=0.1 if sys.stderr.isatty() else 30)   # a log file gets a line every 30 s
+    bar = progress_bar(total=len(items), desc=desc, unit="cap", dynamic_ncols=True, smoothing=0.05)   # a log file: a line every 30 s
     pool, ahead, pending = ThreadPoolExecutor(max(1, workers)), max(1, workers) + 1, deque()
     try:
         for b in batches[:ahead]: pending.append(pool.submit(_load_batch, split, b))

@@ -18,9 +18,8 @@ from open_clip.transform import AugmentationCfg
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .core import atomic_write_bytes, atomic_write_json, cache_root, file_keys, get_device, log, read_json
+from .core import atomic_write_bytes, atomic_write_json, cache_root, file_keys, get_device, log, progress_bar, read_json
 from .data import ImageDataset, Split, collate_skip
 
 # %% auto #0
@@ -168,7 +167,7 @@ def encode_images(model, dataset, batch_size: int = 256, num_workers: int = 0, d
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_skip,
                         pin_memory=device.type == "cuda")
     feats, seen = torch.zeros(n, _embed_dim(model)), torch.zeros(n, dtype=torch.bool)
-    with _eval_mode(model), tqdm(total=n, desc=desc, unit="img", leave=False) as bar:
+    with _eval_mode(model), progress_bar(total=n, desc=desc, unit="img", leave=False) as bar:
         for b, batch in enumerate(loader):
             bar.update(min(batch_size, n - b * batch_size))
             if batch is None: continue

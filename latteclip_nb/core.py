@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['log', 'seed_everything', 'get_device', 'write_error', 'atomic_write_bytes', 'atomic_write_json', 'atomic_torch_save',
-           'read_json', 'cache_root', 'default_data_root', 'file_keys']
+           'read_json', 'FolderInUse', 'lock_holder', 'RunLock', 'PlainProgress', 'progress_bar', 'cache_root',
+           'default_data_root', 'file_keys']
 
 # %% ../nbs/00_core.ipynb #47c35b18
 import hashlib, json, logging, os, random, tempfile
@@ -93,6 +94,115 @@ def read_json(path):
     if not path.exists(): raise FileNotFoundError(f"{path} does not exist")
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON ({e}); delete or fix it") from e
+
+# %% ../nbs/00_core.ipynb #8983ede1
+import socket, sys, time
+try: import fcntl
+except ImportError: fcntl = None   # Windows: no advisory locks; one run per folder is then up to the user
+
+class FolderInUse(RuntimeError):
+    """Another live process holds the lock of a run folder or a caption shard."""
+
+def lock_holder(path) -> str:
+    """Who holds (or last held) the lock file `path`: pid, host, start time and command, as the holder wrote them."""
+    try: h = json.loads(Path(path).read_text())
+    except (OSError, ValueError): return "another process"
+    if not isinstance(h, dict) or "pid" not in h: return "another process"
+    return f"pid {h['pid']} on host {h.get('host', '?')} (started {h.get('started', '?')}: {h.get('command', '?')})"
+
+class RunLock:
+    """An exclusive lock on the file `path` held by this process until `release` (or its end); a busy lock raises `FolderInUse`."""
+    def __init__(self, path,
+                 what: str = "",                       # what the lock guards, for the message (default: the lock file)
+                 advice: str = "wait for it to finish",  # what the user can do instead
+                 wait: bool = False):                  # wait for the holder instead of raising
+        self.path, self.fd = Path(path), None
+        if fcntl is None: return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e: raise write_error(self.path, e) from None
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(self.path)
+            if not wait:
+                os.close(fd)
+                raise FolderInUse(f"{what or self.path} is in use by {holder}: {advice}") from None
+            log.info(f"{what or self.path} is in use by {holder}: waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        self.fd = fd
+        me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  command=" ".join([Path(sys.argv[0]).name if sys.argv else "python", *sys.argv[1:]])[:200])
+        try: os.ftruncate(fd, 0); os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        except OSError: pass   # the lock holds without its note (a full disk): the message then says "another process"
+
+    def release(self):
+        """Give the lock up (closing the file drops it)."""
+        if self.fd is not None: os.close(self.fd); self.fd = None
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.release()
+    def __del__(self): self.release()
+
+# %% ../nbs/00_core.ipynb #531b05fc
+def _interactive(stream) -> bool:
+    "Whether `stream` is a terminal or a Jupyter kernel's output (where a tqdm bar redraws in place)."
+    if type(stream).__name__ == "OutStream" and "ipykernel" in sys.modules: return True
+    try: return stream.isatty()
+    except (AttributeError, ValueError): return False
+
+class PlainProgress:
+    """The part of tqdm's interface the package uses, printed as plain lines at most every `every` seconds."""
+    def __init__(self, iterable=None, total=None, desc: str = "", unit: str = "it", initial: int = 0, disable: bool = False,
+                 every: float | None = None, file=None, **_):
+        self.iterable, self.desc, self.unit, self.disable = iterable, desc, unit, disable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n = self.start_n = initial
+        self.every = float(os.environ.get("LATTECLIP_PROGRESS_SECONDS", 30)) if every is None else every
+        self.file, self.postfix, self.printed = file, "", 0
+        self.t0 = self.last = time.monotonic()
+
+    def line(self) -> str:
+        """The progress as one line: done/total, percent, elapsed time, rate and the postfix."""
+        dt = time.monotonic() - self.t0
+        done = f"{self.n}/{self.total}" + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "") if self.total is not None else f"{self.n}"
+        rate = f", {(self.n - self.start_n) / dt:.3g} {self.unit}/s" if dt > 0 and self.n > self.start_n else ""
+        return f"{self.desc + ': ' if self.desc else ''}{done} {self.unit}, {dt:.0f} s{rate}{', ' + self.postfix if self.postfix else ''}"
+
+    def _print(self):
+        print(self.line(), file=self.file or sys.stderr, flush=True); self.printed += 1; self.last = time.monotonic()
+
+    def update(self, n: int = 1):
+        """Count `n` more done; print a line when `every` seconds have passed since the last one."""
+        self.n += n
+        if not self.disable and time.monotonic() - self.last >= self.every: self._print()
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kw):
+        """Values shown after the counts (tqdm's signature)."""
+        self.postfix = ", ".join(f"{k}={v}" for k, v in {**(ordered_dict or {}), **kw}.items())
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True): self.postfix = str(s)
+
+    def close(self):
+        """Print the final line, if any line was printed before (a short task stays silent)."""
+        if not self.disable and self.printed and self.last != -1: self._print()
+        self.last, self.disable = -1, True
+
+    def __iter__(self):
+        for x in self.iterable:
+            yield x
+            self.update()
+        self.close()
+
+    def __len__(self): return self.total or 0
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+def progress_bar(iterable=None, **kw):
+    """A tqdm bar in a terminal or in Jupyter, else `PlainProgress` (plain lines at most every 30 s)."""
+    if _interactive(sys.stderr):
+        from tqdm.auto import tqdm
+        return tqdm(iterable, **kw)
+    return PlainProgress(iterable, **{k: v for k, v in kw.items() if k in ("total", "desc", "unit", "initial", "disable", "every", "file")})
 
 # %% ../nbs/00_core.ipynb #de62b361
 def cache_root() -> Path:

@@ -633,9 +633,9 @@ def run_dir(out_root, params: dict) -> Path:
 def sweep(grid: list, out_root, notebook="90_experiment.ipynb", log_output=False) -> list:
     """Run the experiment notebook with papermill for every params dict in `grid`, skipping finished runs."""
     import papermill as pm
-    from tqdm.auto import tqdm
+    from latteclip_nb.core import progress_bar
     dirs = []
-    for params in (bar := tqdm(grid, desc="sweep", unit="run")):
+    for params in (bar := progress_bar(grid, desc="sweep", unit="run")):
         d = run_dir(out_root, params); dirs.append(d)
         bar.set_postfix_str(d.name)
         if (d/"metrics.json").exists(): continue

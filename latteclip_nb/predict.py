@@ -13,9 +13,8 @@ from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from .core import _atomic, default_data_root, get_device, log
+from .core import _atomic, default_data_root, get_device, log, progress_bar
 from .data import IMG_EXTENSIONS, Split, list_images, load_image
 from .evaluate import evaluate, save_results
 from .train import Classifier, load_classifier
@@ -70,7 +69,7 @@ def predict_images(clf: Classifier, paths, topk: int = 5, batch_size: int = 64, 
     k = max(1, min(topk, len(clf.classnames)))
     loader = DataLoader(_Files(paths, clf.transform), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=clf.device.type == "cuda")
-    with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for x, idx, bad in loader:
             rows = {i: dict(path=str(paths[i]), status="error", prediction=None, score=None, top=[], reason=r) for i, r in bad}
             if x is not None:

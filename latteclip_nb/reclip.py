@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .core import atomic_torch_save, atomic_write_json, get_device, log, read_json, seed_everything
+from .core import atomic_torch_save, atomic_write_json, get_device, log, progress_bar, read_json, seed_everything
 from .clip import encode_images, text_classifier
 from .data import ImageDataset, collate_skip
 
@@ -312,7 +311,7 @@ def run_reclip(model, tokenizer, train_transform, eval_transform, train_split, t
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
                             collate_fn=collate_skip, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         losses_v, losses_t = [], []
-        bar = tqdm(loader, desc=f"reclip epoch {epoch + 1}/{epochs}", leave=False)
+        bar = progress_bar(loader, desc=f"reclip epoch {epoch + 1}/{epochs}", leave=False)
         for batch in bar:
             if batch is None: continue
             images, idx = batch

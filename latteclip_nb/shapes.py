@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
-from tqdm.auto import tqdm
 
-from .core import atomic_write_json, cache_root, log, read_json
+from .core import atomic_write_json, cache_root, log, progress_bar, read_json
 
 # %% ../nbs/12_shapes.ipynb #0d24fc86
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "cross", "heart", "crescent", "diamond", "ring"]
@@ -232,7 +231,7 @@ def make_world(world: World = World(), root=None, progress: bool = True) -> Path
     for split in SPLIT_CODES:
         (tmp / split).mkdir(parents=True)
         rows = []
-        for i, sc in enumerate(tqdm(world_scenes(world, split), desc=f"render shapes {split}", disable=not progress)):
+        for i, sc in enumerate(progress_bar(world_scenes(world, split), desc=f"render shapes {split}", disable=not progress)):
             rel = f"{split}/{i:05d}.png"
             save_png(render(sc, world.size), tmp / rel, sc)
             rows.append([rel, SHAPES.index(sc["shape"]), sc["shape"]])
@@ -479,7 +478,7 @@ def pretrain(out=SHAPES_CHECKPOINT, steps: int = 1500, batch_size: int = 128, lr
         log.info(f"resuming pretraining from step {start} ({resume})")
     loss_fn, t0 = open_clip.ClipLoss(), time.perf_counter()
     model.train()
-    bar = tqdm(range(start, steps), desc="pretrain latte-shapes", initial=start, total=steps, disable=not progress)
+    bar = progress_bar(range(start, steps), desc="pretrain latte-shapes", initial=start, total=steps, disable=not progress)
     for step in bar:
         for g in opt.param_groups: g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         x, t, _ = source_batch(step, batch_size, seed, tokenizer=tok, rare_rate=rare_rate)

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
-from .core import atomic_torch_save, atomic_write_bytes, atomic_write_json, get_device, log, read_json, seed_everything
+from .core import atomic_torch_save, atomic_write_bytes, atomic_write_json, get_device, log, progress_bar, read_json, seed_everything
 from .loss import contrastive_loss, latte_loss
 from .mixer import blend, margin_weights, mix_features
 from .prototypes import PrototypeBank
@@ -243,7 +242,7 @@ def _tokenize(tokenizer, strings: list, chunk: int = 4096, bpe: Optional[dict] =
     use = bool(bpe) and _reuses_bpe(tokenizer)
     rest = [i for i, s in enumerate(strings) if not use or s not in bpe]
     parts = [tokenizer([strings[j] for j in rest[i:i + chunk]]).to(torch.int32)
-             for i in tqdm(range(0, len(rest), chunk), desc="tokenizing", disable=len(rest) <= chunk, leave=False)]
+             for i in progress_bar(range(0, len(rest), chunk), desc="tokenizing", disable=len(rest) <= chunk, leave=False)]
     L = parts[0].shape[1] if parts else (int(getattr(tokenizer, "context_length", 0) or 77) if use else 1)
     out = np.zeros((len(strings), L), np.int32)
     if use:
@@ -806,7 +805,7 @@ def train(
         acc, t0 = st["acc"], time.perf_counter()
         sampler.set_epoch(epoch, st["batch"], stop)
         batches = iter(loader)
-        bar = tqdm(total=stop, initial=st["batch"], desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
+        bar = progress_bar(total=stop, initial=st["batch"], desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
         for b in range(st["batch"], stop):
             micro = [_same_size(next(batches), world, device) for _ in range(cfg.grad_accum)]
             try: m = trainer.step(micro, epoch)
