@@ -20,7 +20,7 @@ import torch
 try: import fcntl
 except ImportError: fcntl = None  # no file locks on Windows: give every process its own shard
 
-from .core import atomic_write_json, cache_root, default_data_root, file_keys, log, progress_bar, read_json, seed_everything
+from .core import RunLock, atomic_write_json, cache_root, default_data_root, file_keys, log, progress_bar, read_json, seed_everything
 from .collage import as_label_array, make_collage, sample_groups, sample_groups_gt
 from .data import load_image
 from .prompts import group_prompt, image_prompt
@@ -70,16 +70,16 @@ class CaptionStore:
                  root,                     # store folder (one per dataset)
                  shard: int | None = 0,    # the shard this process appends to; None opens the store read-only
                  wait: bool = False):      # if another process writes this shard: wait for it (True) or fail (False)
-        self.root, self.shard, self.records, self._fd = Path(root), shard, {}, None
+        self.root, self.shard, self.records, self._fd, self._held = Path(root), shard, {}, None, None
         if shard is not None:
             if int(shard) < 0: raise ValueError(f"shard must be >= 0, got {shard}")
             self.path = shard_file(self.root, shard)
+            self._lock(wait)   # before the file is touched: repairing it is the writer's job
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 new = not self.path.exists()
                 self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            except OSError as e: raise _store_error(self.root, e, "opening") from None
-            self._lock(wait)
+            except OSError as e: self.close(); raise _store_error(self.root, e, "opening") from None
             if new: self._sync_dir()
             try: self._repair()
             except OSError as e: raise _store_error(self.path, e, "repairing") from None
@@ -88,16 +88,10 @@ class CaptionStore:
         self.reload()
 
     def _lock(self, wait: bool = False):
-        if fcntl is None: return
-        try: fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if wait:
-                log.info(f"{self.path} is being written by another process: waiting for it to finish")
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-                return
-            os.close(self._fd); self._fd = None
-            raise RuntimeError(f"{self.path} is open in another process (shard {self.shard}); "
-                               "give each process its own shard") from None
+        "Hold the shard's lock file (`captions-NNN.lock`): one writer per shard; a busy shard names its writer."
+        try: self._held = RunLock(self.path.with_suffix(".lock"), what=f"caption shard {self.shard} of {self.root}", wait=wait,
+                                  advice="give each process its own shard (--shard i --num-shards n), or wait for it to finish (--wait)")
+        except OSError as e: raise _store_error(self.root, e, "opening") from None
 
     def _sync_dir(self):
         try:
@@ -162,6 +156,7 @@ class CaptionStore:
     def close(self):
         """Release this shard's file and lock."""
         if self._fd is not None: os.close(self._fd); self._fd = None
+        if self._held is not None: self._held.release(); self._held = None
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
     def __del__(self): self.close()
@@ -394,6 +389,7 @@ def describe_dataset(
     image_keys: list | None = None,  # the images' store ids (default: `content_ids(split)`, hashes of the files)
     work: Work | None = None,    # the work list, when the caller already built it (`caption_work`)
     barrier=None,                # callable run after this shard's work and before the merge (all shards then done)
+    wait: bool = True,           # another process writes this shard: wait for it, then find its captions (False: refuse)
 ) -> "Texts | None":
     """Describe the images and groups of `split` with `captioner`, resuming from the store; Texts once all shards are done."""
     if not 0 <= shard < num_shards: raise ValueError(f"shard {shard} is not in 0..{num_shards - 1} (num_shards={num_shards})")
@@ -412,7 +408,7 @@ def describe_dataset(
     if todo and not read_only:
         if store is not None: store.close()
         # the shard's lock is held only while there is work; a second run of the same shard waits, then finds it done
-        with CaptionStore(out_dir, shard=shard, wait=True) as writer:
+        with CaptionStore(out_dir, shard=shard, wait=wait) as writer:
             counts = run_captioner(captioner, split, pending(writer), writer, batch_size, workers,
                                    desc=f"{spec.name} captions" + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""))
         log.info(f"shard {shard}: wrote {counts.get('done', 0)} captions ({counts.get('empty', 0)} empty, "
@@ -470,6 +466,7 @@ def caption_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("run")
     a.add_argument("--shard", type=int, default=0)
     a.add_argument("--num-shards", type=int, default=1)
+    a.add_argument("--wait", action="store_true", help="if another process is writing this shard, wait for it (default: stop, naming it)")
     a.add_argument("--out", help="caption store folder (default: <cache>/captions/<dataset>)")
     a.add_argument("--clip-model", default="ViT-B-32", help="CLIP for the zero-shot labels c_zs")
     a.add_argument("--pretrained", default="laion2b_s34b_b79k", help="its weights ('none': random, for tests)")
@@ -578,7 +575,7 @@ def main(argv=None) -> int:
         texts = describe_dataset(spec, split, c_zs, captioner, out, kinds=args.kind, batch_size=args.batch_size,
                                  shard=args.shard, num_shards=args.num_shards, seed=args.seed,
                                  images_per_group=args.images_per_group, groups_per_class=args.groups_per_class,
-                                 n_correct=args.n_correct, workers=args.workers, work=work)
+                                 n_correct=args.n_correct, workers=args.workers, work=work, wait=args.wait)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"latteclip-caption: error: {e}", file=sys.stderr)
         return 2

@@ -97,7 +97,8 @@ def test_torn_last_record_is_ignored_and_cut(tmp_path):
 def test_same_shard_twice_is_refused(tmp_path):
     pytest.importorskip("fcntl")
     with CaptionStore(tmp_path, shard=0):
-        with pytest.raises(RuntimeError, match="another process"): CaptionStore(tmp_path, shard=0)
+        with pytest.raises(RuntimeError, match="is in use by pid") as e: CaptionStore(tmp_path, shard=0)
+        assert f"caption shard 0 of {tmp_path} is in use by pid {os.getpid()} on host " in str(e.value)
     CaptionStore(tmp_path, shard=0).close()                           # free again once closed
 
 
