@@ -27,7 +27,7 @@ CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto",
                text_grad=("exact", "fast"), pseudo=("online", "fixed"),
                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
-FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every"}
+FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every", "report_to"}
 
 @dataclass
 class ExperimentConfig:
@@ -83,6 +83,7 @@ class ExperimentConfig:
     eval_batch_size: int = 256       # images per evaluation batch
     num_workers: int = 2             # DataLoader workers
     device: str = ""                 # cpu, cuda, cuda:1, mps ("": cuda > mps > cpu)
+    report_to: str = ""              # experiment tracking: tensorboard, wandb, tensorboard,wandb ("": none; optional extras)
     tag: str = ""                    # appended to the run name
 
     def __post_init__(self): self.check()
@@ -108,6 +109,8 @@ class ExperimentConfig:
         if not 0 < self.data_fraction <= 1: raise ValueError(f"data_fraction={self.data_fraction} must lie in (0, 1]")
         if self.method == "latteclip" and not (self.use_class or self.use_image or self.use_group):
             raise ValueError("use_class, use_image and use_group are all False: enable at least one text")
+        from latteclip_nb.train import parse_report_to
+        parse_report_to(self.report_to)
         if self.describer_errors or self.class_names:
             from latteclip_nb.shapes import parse_class_names, parse_describer_errors
             parse_describer_errors(self.describer_errors); parse_class_names(self.class_names)
@@ -135,6 +138,8 @@ class ExperimentConfig:
         if not (rendered and self.pretrained == RARE_PRETRAINED):   # that model is pretrained here on first use
             check_model(*resolve_model(self, _Kind("shapes" if rendered else "")))   # no model is loaded, no network waited on
         _need_writable(Path(self.out_dir).expanduser() if self.out_dir else Path("runs"), "out_dir")
+        from latteclip_nb.train import check_report_to
+        check_report_to(self.report_to)   # a tracker that is not installed stops here, not after training
         if self.captioner == "openai" and not self.server_url:
             raise ValueError("captioner='openai' needs server_url (e.g. http://localhost:8000/v1)")
         return self
@@ -142,7 +147,7 @@ class ExperimentConfig:
     def run_name(self) -> str:
         """A readable name that changes with every non-default field that affects results."""
         skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "out_dir", "captions_dir",
-                "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every"}
+                "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every", "report_to"}
         default = ExperimentConfig(dataset=self.dataset, method=self.method)
         parts = [self.method] + [f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self)
                                  if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)]
@@ -386,8 +391,8 @@ def resolved_run(cfg: ExperimentConfig) -> dict:
     return out
 
 # %% ../nbs/13_experiment.ipynb #61face29
-import shutil
-from .core import read_json
+import contextlib, shutil
+from .core import RunLock, read_json
 
 def git_commit() -> str | None:
     """The package's git commit (with `-dirty` for uncommitted changes), or None outside a checkout."""
@@ -455,7 +460,11 @@ def _previous_run(out: Path, cfg: ExperimentConfig, overwrite: bool, rank: int):
     return None, restart
 
 def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
-    """Run one experiment end to end and return (and write) its metrics."""
+    """Run one experiment end to end and return (and write) its metrics; one run at a time per out-dir."""
+    with contextlib.ExitStack() as held:   # the out-dir's lock and the trackers, released however the run ends
+        return _run_experiment(cfg, overwrite, held)
+
+def _run_experiment(cfg: ExperimentConfig, overwrite: bool, held: contextlib.ExitStack) -> dict:
     from latteclip_nb.clip import load_clip, text_classifier, zero_shot_pseudo_labels
     from latteclip_nb.prompts import class_description
     t0 = time.time()
@@ -466,6 +475,7 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     spec = recipe_spec(cfg, spec)   # the recipe's class template, for c_zs, the prototypes and the zero-shot baseline
     out = Path(cfg.out_dir).expanduser() if cfg.out_dir else Path("runs")/spec.name/cfg.run_name()
     metrics_path = out/"metrics.json"
+    if rank == 0: held.enter_context(RunLock(out/"run.lock", what=f"out-dir {out}", advice="wait for that run to finish, or give another out-dir"))
     done, restart = _previous_run(out, cfg, overwrite, rank)
     if done is not None: return done
     train_split, test_split = sp["train"], sp["test"]
@@ -523,8 +533,10 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         tcfg = train_config(cfg, spec, len(train_split), model_name=arch, pretrained=str(pretrained),
                             resume=cfg.resume and not restart)
         metrics["train_config"] = asdict(tcfg)
+        reporter = _reporter(cfg, out, held) if rank == 0 else None
         res = train(model, tokenizer, train_tf, train_split, class_texts, tcfg, out/"train", c_zs=c_zs, texts=texts,
-                    labels=train_split.labels, device=device)
+                    labels=train_split.labels, device=device, reporter=reporter,
+                    meta=dict(dataset=spec.name, recipe=cfg.recipe, template=spec.template, captioner=captioner_id))
         history = res.history
         if rank != 0: _barrier(); return {}
         result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
@@ -537,8 +549,22 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
                    config=asdict(cfg), git_commit=git_commit(), wall_time_s=round(time.time() - t0, 1))
     _save_figures(result, history, classnames, out)
     atomic_write_json(metrics_path, metrics)
+    if metrics.get("classifier_path"):   # the export's model card gets the measured top-1
+        from latteclip_nb.train import write_model_card
+        write_model_card(metrics["classifier_path"], metrics)
+    if cfg.report_to:
+        _reporter(cfg, out, held).log({"eval/top1": metrics["top1"], "eval/zeroshot_top1": metrics["zeroshot_top1"]},
+                                      (history or [{}])[-1].get("step", 0))
     _barrier()
     return metrics
+
+def _reporter(cfg, out: Path, held: contextlib.ExitStack):
+    "The run's Reporter (one per run, closed with `held`); it writes under `out`."
+    if getattr(held, "reporter", None) is None:
+        from latteclip_nb.train import Reporter
+        held.reporter = Reporter(cfg.report_to, out, name=f"{Path(cfg.dataset).name}/{cfg.run_name()}", config=asdict(cfg))
+        held.callback(held.reporter.close)
+    return held.reporter
 
 def _captions(cfg, spec, split, c_zs, rank, world, device=None):
     "Image and group descriptions for the training split: each rank captions its shard, then all read the merged store."
