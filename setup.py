@@ -33,7 +33,8 @@ setuptools.setup(
     package_data={cfg["lib_path"] + ".assets": ["*"]},
     include_package_data=True,
     install_requires=shlex.split(cfg.get("requirements", "")),
-    extras_require={"dev": shlex.split(cfg.get("dev_requirements", ""))},
+    extras_require={"dev": shlex.split(cfg.get("dev_requirements", "")),
+                    "track": shlex.split(cfg.get("track_requirements", ""))},   # --report-to tensorboard / wandb
     python_requires=">=" + cfg["min_python"],
     zip_safe=False,
     entry_points={
