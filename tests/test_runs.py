@@ -47,7 +47,7 @@ def test_second_train_into_the_same_out_dir_is_refused_and_a_killed_run_frees_it
                              env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_holder(out / "run.lock", first)
-        second = _train([*base, "--epochs", "5000", "--ckpt-every", "5"], env, root)
+        second = _train([*base, "--epochs", "5000", "--ckpt-every", "5", "--max-steps", "2"], env, root)
         assert first.poll() is None                                    # the first run is still working
     finally:
         os.kill(first.pid, signal.SIGKILL); first.communicate()
