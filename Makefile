@@ -43,6 +43,8 @@ demo: $(STAMP)
 	$(BIN)/papermill nbs/90_experiment.ipynb out/demo.ipynb -p out_dir out/demo --log-output --no-progress-bar
 	@$(PY) -c "import json; from latteclip_nb.experiment import result_table; print(result_table(json.load(open('out/demo/metrics.json'))))"
 	@echo "executed notebook: out/demo.ipynb   metrics and figures: out/demo/"
+	@if [ -f out/demo/report.html ]; then echo "report page: $(CURDIR)/out/demo/report.html"; \
+	 else echo "no report page was written: $(BIN)/latteclip-report out/demo writes it"; fi
 
 clean:
 	rm -rf $(VENV) out

@@ -454,8 +454,8 @@ def _previous_run(out: Path, cfg: ExperimentConfig, overwrite: bool, rank: int):
     _barrier()
     return None, restart
 
-def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
-    """Run one experiment end to end and return (and write) its metrics."""
+def run_experiment(cfg: ExperimentConfig, overwrite: bool = False, report: bool = True) -> dict:
+    """Run one experiment end to end and return (and write) its metrics, and its report page unless `report=False`."""
     from latteclip_nb.clip import load_clip, text_classifier, zero_shot_pseudo_labels
     from latteclip_nb.prompts import class_description
     t0 = time.time()
@@ -473,8 +473,9 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         g = torch.Generator().manual_seed(cfg.seed)
         keep = torch.randperm(len(train_split), generator=g)[:max(1, round(cfg.data_fraction * len(train_split)))].sort().values
         train_split = train_split.subset(keep.tolist())
-    if test_split is None or not test_split.labels:
-        raise ValueError(f"{spec.name}: no labeled test split to evaluate on (for a custom folder pass test_root)")
+    labeled = test_split is not None and bool(test_split.labels)   # a custom folder may have none: train, do not evaluate
+    if not labeled and cfg.method not in _TRAIN_METHODS:
+        raise ValueError(f"{spec.name}: method={cfg.method} needs a labeled test split (for a custom folder pass test_root)")
     arch, pretrained = resolve_model(cfg, spec)
     if spec.kind == "shapes":
         from latteclip_nb.shapes import RARE_PRETRAINED, rare_names_checkpoint
@@ -485,14 +486,14 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     classnames = train_split.classnames
     class_texts = [class_description(spec, c) for c in classnames]
     metrics = dict(method=cfg.method, recipe=cfg.recipe, template=spec.template, dataset=spec.name, model=arch, pretrained=pretrained, n_train=len(train_split),
-                   n_test=len(test_split), n_classes=len(classnames), classnames=classnames)
+                   n_test=len(test_split) if labeled else 0, n_classes=len(classnames), classnames=classnames)
     if spec.kind == "shapes":   # which world and which describer errors this run saw
         from latteclip_nb.shapes import DESCRIBER_ERRORS
         metrics["world"] = dict(seed=spec.world.seed, key=spec.world.key(), describer_errors={k: getattr(spec, k) for k in DESCRIBER_ERRORS})
     from latteclip_nb.evaluate import accuracy_report, evaluate
     zs = evaluate(model, eval_tf, test_split, text_classifier(model, tokenizer, classnames, [spec.template], device=device),
-                  batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers)
-    metrics["zeroshot_top1"] = _pct(zs["top1"])
+                  batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers) if labeled else None
+    metrics["zeroshot_top1"] = _pct(zs["top1"]) if labeled else None
     history, captioner_id = None, None
     if cfg.method == "zeroshot":
         result = zs
@@ -528,17 +529,26 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         history = res.history
         if rank != 0: _barrier(); return {}
         result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
-                          num_workers=cfg.num_workers)
+                          num_workers=cfg.num_workers) if labeled else None
         metrics["classifier_path"] = str(res.classifier_path) if res.classifier_path else None
-    if "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
+    if result is not None and "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
         result = {**result, **accuracy_report(result["preds"], test_split.labels, len(classnames))}
-    metrics.update(top1=_pct(result["top1"]), per_class=[_pct(a) for a in result["per_class"]],
+    metrics.update(top1=_pct(result["top1"]) if labeled else None, per_class=[_pct(a) for a in result["per_class"]] if labeled else None,
                    paper_row=list(paper_row(cfg) or ()) or None, paper_top1=paper_top1(cfg, spec.name), captioner=captioner_id, history=history,
                    config=asdict(cfg), git_commit=git_commit(), wall_time_s=round(time.time() - t0, 1))
     _save_figures(result, history, classnames, out)
     atomic_write_json(metrics_path, metrics)
+    if report: _write_report(out)
     _barrier()
     return metrics
+
+def _write_report(out: Path):
+    "The run's report page (latteclip_nb.report); a failure there is logged and never fails the finished run."
+    try:
+        from latteclip_nb.report import write_report
+        log.info(f"report: {write_report(out)}")
+    except Exception as e:
+        log.warning(f"{out}: the report page could not be written ({_one_line(e)}); `latteclip-report {out}` retries")
 
 def _captions(cfg, spec, split, c_zs, rank, world, device=None):
     "Image and group descriptions for the training split: each rank captions its shard, then all read the merged store."
@@ -559,7 +569,7 @@ def _save_figures(result, history, classnames, out):
     import matplotlib.pyplot as plt
     from latteclip_nb.evaluate import plot_confusion, plot_history, plot_per_class
     figs = out/"figures"; figs.mkdir(parents=True, exist_ok=True)
-    for name, fn in [("per_class", lambda ax: plot_per_class(result, classnames, ax=ax)),
+    for name, fn in [] if result is None else [("per_class", lambda ax: plot_per_class(result, classnames, ax=ax)),
                      ("confusion", lambda ax: plot_confusion(result, classnames, ax=ax))]:
         fig, ax = plt.subplots(figsize=(8, 5)); fn(ax); fig.tight_layout(); fig.savefig(figs/f"{name}.png", dpi=90); plt.close(fig)
     if history:
@@ -600,6 +610,7 @@ def config_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace what out_dir holds (a finished run, or an interrupted one with another config)")
     p.add_argument("--print-config", action="store_true", help="print the resolved run as JSON and exit (reads no data or weights)")
+    p.add_argument("--no-report", dest="report", action="store_false", help="do not write the run's report.html at the end")
     return p
 
 def _one_line(e: BaseException) -> str:
@@ -609,14 +620,14 @@ def main(argv=None):
     """Entry point of `latteclip-train`."""
     import logging; logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = vars(config_parser().parse_args(argv))
-    overwrite = args.pop("overwrite")
+    overwrite, report = args.pop("overwrite"), args.pop("report")
     if args.pop("print_config"):
         try: print(json.dumps(resolved_run(ExperimentConfig(**args)), indent=1))
         except (ValueError, OSError) as e: sys.exit(f"latteclip-train: error: {_one_line(e)}")
         return
     try:
         cfg = ExperimentConfig(**args).validate()   # before anything is loaded
-        m = run_experiment(cfg, overwrite=overwrite)
+        m = run_experiment(cfg, overwrite=overwrite, report=report)
     # ValueError, OSError (missing, unreadable, unwritable, full) and RuntimeError (the captioner's server, offline weights)
     # say what is wrong and what to do in their message: print that line, as latteclip-caption does
     except (ValueError, OSError, RuntimeError) as e:
