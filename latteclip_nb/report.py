@@ -6,7 +6,7 @@
 __all__ = ['run_config', 'cached_c_zs', 'Run', 'load_run', 'class_word_patterns', 'named_classes', 'prototype_drift', 'thumbnail',
            'png_uri', 'svg_lines', 'render_report', 'write_report', 'report_parser', 'main']
 
-# %% ../nbs/14_report.ipynb #33b4052d
+# %% ../nbs/14_report.ipynb #af2ed7d0
 import argparse, base64, html, io, json, logging, math, os, re, sys, time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 
 from .core import atomic_write_bytes, cache_root, log, read_json
 
-# %% ../nbs/14_report.ipynb #9e04fb00
+# %% ../nbs/14_report.ipynb #c093a8ba
 def run_config(run_dir) -> tuple:
     """(metrics, ExperimentConfig) of a finished run folder; fields this version does not know are ignored."""
     from latteclip_nb.experiment import ExperimentConfig
@@ -42,7 +42,7 @@ def cached_c_zs(split, template: str, model: str, pretrained, dataset: str, k: i
     rows = torch.tensor(rows, dtype=torch.long)
     return t["c_zs"][rows].long(), t["scores"][rows, 0].float()
 
-# %% ../nbs/14_report.ipynb #596ee386
+# %% ../nbs/14_report.ipynb #470cb026
 @dataclass
 class Run:
     """What the report page of one run shows, read from the run folder, the cache and the caption store."""
@@ -115,7 +115,7 @@ def _read_texts(run: Run):
     run.texts, missing = merge_captions(CaptionStore(store, shard=None), run.work, run.metrics["captioner"])
     if missing: run.notes.append(f"{len(missing)} of the run's descriptions are not in the caption store {store}")
 
-# %% ../nbs/14_report.ipynb #b60e3bdb
+# %% ../nbs/14_report.ipynb #7612af74
 def class_word_patterns(classnames: list) -> list:
     """One regular expression per class: its name as whole words, case ignored, with an optional plural s/es."""
     return [re.compile(r"(?<![\w])" + r"[\s_-]+".join(map(re.escape, str(c).lower().replace("_", " ").split())) + r"(?:e?s)?(?![\w])", re.I)
@@ -130,7 +130,7 @@ def prototype_drift(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     F = torch.nn.functional
     return (F.normalize(start.float(), dim=-1) * F.normalize(end.float(), dim=-1)).sum(-1)
 
-# %% ../nbs/14_report.ipynb #7616abfe
+# %% ../nbs/14_report.ipynb #a4fc5597
 def thumbnail(img, size: int = 64, quality: int = 80) -> str:
     """A `data:` URI of `img` as a JPEG whose longest side is `size` px."""
     from PIL import Image
@@ -176,7 +176,7 @@ def svg_lines(series: dict, width: int = 420, height: int = 150, title: str = ""
         out.append(f'<text x="{L + 6 + 90 * k}" y="{T + 12}" fill="{c}" class="ax">{html.escape(name)}</text>')
     return "".join(out) + "</svg>"
 
-# %% ../nbs/14_report.ipynb #9c34a8a4
+# %% ../nbs/14_report.ipynb #41984e2d
 _CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}h3{font-size:16px;margin:0 0 6px}
 table.kv td{padding:1px 12px 1px 0;vertical-align:top}table.kv td:first-child{color:#666}
@@ -205,7 +205,7 @@ def _bar(w) -> str:
 def _kv(rows) -> str:
     return '<table class="kv">' + "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in rows if v is not None) + "</table>"
 
-# %% ../nbs/14_report.ipynb #9df13949
+# %% ../nbs/14_report.ipynb #f8878ea0
 def _summary(run: Run, calls, share) -> str:
     "The run's config, captioner, LMM calls and class-word share, and its accuracies (or that there is no labeled split)."
     m, cfg, tc = run.metrics, run.cfg, run.metrics.get("train_config") or {}
@@ -253,7 +253,7 @@ def _curves(run: Run) -> str:
         if ser: charts.append(svg_lines(ser, title="per epoch"))
     return out[0] + "".join(charts)
 
-# %% ../nbs/14_report.ipynb #ca43a858
+# %% ../nbs/14_report.ipynb #9e873dc2
 def _predictions(run: Run, shown: list, images: dict, device=None):
     "Fine-tuned class of each shown image, from the exported classifier (None without one)."
     if run.classifier_dir is None or not shown: return None
@@ -307,7 +307,7 @@ def _collage(run: Run, g):
     from latteclip_nb.data import load_image
     return make_collage([load_image(run.split.root/run.split.ids[m]) for m in g.members], size=192, gap=6)
 
-# %% ../nbs/14_report.ipynb #bb657426
+# %% ../nbs/14_report.ipynb #03b88f56
 def render_report(run: Run, images_per_class: int = 4, groups_per_class: int = 2, predict: bool = True, device=None) -> str:
     """The report page of `run` as one HTML string."""
     from latteclip_nb.data import load_image
@@ -358,7 +358,7 @@ def write_report(run_dir, out=None, **kw) -> Path:
     atomic_write_bytes(out, render_report(run, **kw).encode())
     return out
 
-# %% ../nbs/14_report.ipynb #5842c276
+# %% ../nbs/14_report.ipynb #bf1d1e6f
 def report_parser() -> argparse.ArgumentParser:
     """The `latteclip-report` arguments."""
     p = argparse.ArgumentParser(prog="latteclip-report", description="Write the report page (report.html) of a finished run: "
