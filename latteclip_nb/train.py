@@ -398,7 +398,7 @@ class SampleRecord:
     def sync(self, device=None):
         """Merge the records of all processes (per sample the latest epoch; nothing to do without a process group)."""
         if not (dist.is_available() and dist.is_initialized()): return
-        latest = self.epoch.to(device); dist.all_reduce(latest, op=dist.ReduceOp.MAX)
+        latest = self.epoch.to(device, copy=True); dist.all_reduce(latest, op=dist.ReduceOp.MAX)   # a copy: self.epoch says what this process holds
         mine = ((self.epoch.to(device) == latest) & (latest >= 0)).double()
         packed = torch.cat([self.weights_zs.to(device, torch.float64), self.weights_ft.to(device, torch.float64),
                             (self.c_ft.to(device) + 1).double()[:, None], torch.ones_like(mine)[:, None]], 1) * mine[:, None]

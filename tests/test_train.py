@@ -175,3 +175,8 @@ def test_two_gloo_processes_match_one(tmp_path, method, n):
         assert a["agreement"] == b["agreement"] and a["label_accuracy"] == b["label_accuracy"] and abs(a["loss"] - b["loss"]) < 1e-5
     # only rank 0 wrote the export
     assert (tmp_path / f"ddp-{method}" / "classifier" / "classifier.json").exists()
+    if method == "latteclip":   # the per-sample record merged from both processes is the single process's record
+        from safetensors.torch import load_file
+        a, b = load_file(str(tmp_path / "ddp-latteclip" / "samples.safetensors")), load_file(str(tmp_path / "single-latteclip" / "samples.safetensors"))
+        assert (a["epoch"] == 1).all() and torch.equal(a["epoch"], b["epoch"]) and torch.equal(a["c_ft"], b["c_ft"])
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in ("weights_zs", "weights_ft", "prototypes_start", "prototypes_end"))
