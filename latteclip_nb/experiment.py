@@ -538,7 +538,7 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False, report: bool 
                    config=asdict(cfg), git_commit=git_commit(), wall_time_s=round(time.time() - t0, 1))
     _save_figures(result, history, classnames, out)
     atomic_write_json(metrics_path, metrics)
-    if report: _write_report(out)
+    if report and rank == 0: _write_report(out)
     _barrier()
     return metrics
 

@@ -6,7 +6,7 @@
 __all__ = ['run_config', 'cached_c_zs', 'Run', 'load_run', 'class_word_patterns', 'named_classes', 'prototype_drift', 'thumbnail',
            'png_uri', 'svg_lines', 'render_report', 'write_report', 'report_parser', 'main']
 
-# %% ../nbs/14_report.ipynb #af2ed7d0
+# %% ../nbs/14_report.ipynb #4aab7c8f
 import argparse, base64, html, io, json, logging, math, os, re, sys, time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 
 from .core import atomic_write_bytes, cache_root, log, read_json
 
-# %% ../nbs/14_report.ipynb #c093a8ba
+# %% ../nbs/14_report.ipynb #85275b5d
 def run_config(run_dir) -> tuple:
     """(metrics, ExperimentConfig) of a finished run folder; fields this version does not know are ignored."""
     from latteclip_nb.experiment import ExperimentConfig
@@ -42,7 +42,7 @@ def cached_c_zs(split, template: str, model: str, pretrained, dataset: str, k: i
     rows = torch.tensor(rows, dtype=torch.long)
     return t["c_zs"][rows].long(), t["scores"][rows, 0].float()
 
-# %% ../nbs/14_report.ipynb #470cb026
+# %% ../nbs/14_report.ipynb #b41a175a
 @dataclass
 class Run:
     """What the report page of one run shows, read from the run folder, the cache and the caption store."""
@@ -115,7 +115,7 @@ def _read_texts(run: Run):
     run.texts, missing = merge_captions(CaptionStore(store, shard=None), run.work, run.metrics["captioner"])
     if missing: run.notes.append(f"{len(missing)} of the run's descriptions are not in the caption store {store}")
 
-# %% ../nbs/14_report.ipynb #7612af74
+# %% ../nbs/14_report.ipynb #32ab993f
 def class_word_patterns(classnames: list) -> list:
     """One regular expression per class: its name as whole words, case ignored, with an optional plural s/es."""
     return [re.compile(r"(?<![\w])" + r"[\s_-]+".join(map(re.escape, str(c).lower().replace("_", " ").split())) + r"(?:e?s)?(?![\w])", re.I)
@@ -130,7 +130,7 @@ def prototype_drift(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     F = torch.nn.functional
     return (F.normalize(start.float(), dim=-1) * F.normalize(end.float(), dim=-1)).sum(-1)
 
-# %% ../nbs/14_report.ipynb #a4fc5597
+# %% ../nbs/14_report.ipynb #b4fbcabb
 def thumbnail(img, size: int = 64, quality: int = 80) -> str:
     """A `data:` URI of `img` as a JPEG whose longest side is `size` px."""
     from PIL import Image
@@ -176,7 +176,7 @@ def svg_lines(series: dict, width: int = 420, height: int = 150, title: str = ""
         out.append(f'<text x="{L + 6 + 90 * k}" y="{T + 12}" fill="{c}" class="ax">{html.escape(name)}</text>')
     return "".join(out) + "</svg>"
 
-# %% ../nbs/14_report.ipynb #41984e2d
+# %% ../nbs/14_report.ipynb #03f24917
 _CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}h3{font-size:16px;margin:0 0 6px}
 table.kv td{padding:1px 12px 1px 0;vertical-align:top}table.kv td:first-child{color:#666}
@@ -205,8 +205,8 @@ def _bar(w) -> str:
 def _kv(rows) -> str:
     return '<table class="kv">' + "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in rows if v is not None) + "</table>"
 
-# %% ../nbs/14_report.ipynb #f8878ea0
-def _summary(run: Run, calls, share) -> str:
+# %% ../nbs/14_report.ipynb #03c4de62
+def _summary(run: Run, calls, share, extra=()) -> str:
     "The run's config, captioner, LMM calls and class-word share, and its accuracies (or that there is no labeled split)."
     m, cfg, tc = run.metrics, run.cfg, run.metrics.get("train_config") or {}
     pre = m.get("pretrained")
@@ -223,7 +223,7 @@ def _summary(run: Run, calls, share) -> str:
             ("c_zs correct on the training images", _pct(m.get("c_zs_train_accuracy")) if m.get("c_zs_train_accuracy") is not None else None),
             ("wall time", _e(f"{m['wall_time_s']:.0f} s") if m.get("wall_time_s") is not None else None),
             ("git commit", _e(m.get("git_commit")) if m.get("git_commit") else None)]
-    out = ["<h2>Summary</h2>", _kv(rows)] + [f'<p class="note">{_e(n)}</p>' for n in run.notes]
+    out = ["<h2>Summary</h2>", _kv(rows)] + [f'<p class="note">{_e(n)}</p>' for n in run.notes + list(extra)]
     out.append("<h2>Accuracy</h2>")
     if run.labeled:
         out.append(_kv([("test images", _e(m.get("n_test"))), ("zero-shot top-1", _pct(m.get("zeroshot_top1"))),
@@ -253,7 +253,7 @@ def _curves(run: Run) -> str:
         if ser: charts.append(svg_lines(ser, title="per epoch"))
     return out[0] + "".join(charts)
 
-# %% ../nbs/14_report.ipynb #9e873dc2
+# %% ../nbs/14_report.ipynb #fa49e581
 def _predictions(run: Run, shown: list, images: dict, device=None):
     "Fine-tuned class of each shown image, from the exported classifier (None without one)."
     if run.classifier_dir is None or not shown: return None
@@ -307,11 +307,16 @@ def _collage(run: Run, g):
     from latteclip_nb.data import load_image
     return make_collage([load_image(run.split.root/run.split.ids[m]) for m in g.members], size=192, gap=6)
 
-# %% ../nbs/14_report.ipynb #03b88f56
-def render_report(run: Run, images_per_class: int = 4, groups_per_class: int = 2, predict: bool = True, device=None) -> str:
-    """The report page of `run` as one HTML string."""
+# %% ../nbs/14_report.ipynb #a8d47656
+def render_report(run: Run, images_per_class: int = 4, groups_per_class: int = 2, predict: bool = True, device=None,
+                  max_images: int = 400) -> str:
+    """The report page of `run` as one HTML string (at most about `max_images` images, however many classes)."""
     from latteclip_nb.data import load_image
     names, C = run.classnames, len(run.classnames)
+    budget = (min(images_per_class, max(1, max_images // C)), min(groups_per_class, max(1, max_images // (2 * C))))
+    extra = [] if budget == (images_per_class, groups_per_class) else [
+        f"{C} classes: {budget[0]} image(s) and {budget[1]} group(s) shown per class to keep the page small"]
+    images_per_class, groups_per_class = budget
     pats = class_word_patterns(names)
     by_class = [[] for _ in range(C)]
     if run.c_zs is not None:
@@ -339,9 +344,11 @@ def render_report(run: Run, images_per_class: int = 4, groups_per_class: int = 2
     options = "".join(f'<option value="{c}">{_e(names[c])} ({len(by_class[c])})</option>' for c in order)
     body = [f"<h1>{_e(title)}</h1>",
             f'<p class="muted">{_e(run.dir.name)}; written {time.strftime("%Y-%m-%d %H:%M")} by latteclip-report</p>',
-            _summary(run, calls, share), _curves(run), "<h2>Classes</h2>"]
+            _summary(run, calls, share, extra), _curves(run), "<h2>Classes</h2>"]
     if run.c_zs is None:
-        body.append('<p class="note">Without the zero-shot labels the images cannot be sorted into classes.</p>')
+        why = ("the zero-shot labels of its training images are not available" if m.get("method") in ("latteclip", "flyp_pl", "oracle")
+               else f"a {m.get('method')} run does not train on zero-shot labels of training images")
+        body.append(f'<p class="note">No per-class view: {_e(why)}.</p>')
     else:
         body.append('<p><label>class <select id="filter"><option value="">all classes</option>' + options + "</select></label>"
                     '<span class="legend">mixer weights: <span style="background:#1f77b4"></span>class'
@@ -358,7 +365,7 @@ def write_report(run_dir, out=None, **kw) -> Path:
     atomic_write_bytes(out, render_report(run, **kw).encode())
     return out
 
-# %% ../nbs/14_report.ipynb #bf1d1e6f
+# %% ../nbs/14_report.ipynb #f87140bc
 def report_parser() -> argparse.ArgumentParser:
     """The `latteclip-report` arguments."""
     p = argparse.ArgumentParser(prog="latteclip-report", description="Write the report page (report.html) of a finished run: "
