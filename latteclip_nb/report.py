@@ -7,14 +7,14 @@ __all__ = ['run_config', 'cached_c_zs', 'Run', 'load_run', 'class_word_patterns'
            'png_uri', 'svg_lines', 'render_report', 'write_report', 'report_parser', 'main']
 
 # %% ../nbs/14_report.ipynb #4aab7c8f
-import argparse, base64, html, io, json, logging, math, os, re, sys, time
+import argparse, base64, html, io, json, math, os, re, sys, time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .core import atomic_write_bytes, cache_root, log, read_json
+from .core import atomic_write_bytes, cache_root, read_json
 
 # %% ../nbs/14_report.ipynb #85275b5d
 def run_config(run_dir) -> tuple:
