@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test sync-check nbtest pytest demo clean
+.PHONY: install test sync-check nbtest pytest demo clean outputs docs katex
 
 install: $(STAMP)
 
@@ -14,6 +14,7 @@ $(STAMP): settings.ini setup.py
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (latteclip_nb)"
+	@$(MAKE) --no-print-directory katex
 	touch $(STAMP)
 
 sync-check: $(STAMP)
@@ -25,8 +26,24 @@ sync-check: $(STAMP)
 nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
+# the formula test (tests/test_notebooks.py) parses every formula with KaTeX through node; without node it skips
+katex:
+	@if [ -f $(VENV)/node/node_modules/katex/package.json ]; then :; \
+	 elif command -v npm >/dev/null; then npm install --silent --no-audit --no-fund --prefix $(VENV)/node katex@0.16 || echo "katex: npm install failed, the formula test will skip"; \
+	 else echo "katex: npm not found (apt-get install nodejs npm), the formula test will skip"; fi
+
 pytest: $(STAMP)
 	$(BIN)/pytest -q tests
+
+# execute the notebooks in place and store their outputs (NB="nbs/03_prompts.ipynb ..." for some, SLOW=1 for #| slow cells)
+outputs: $(STAMP)
+	$(PY) scripts/run_notebooks.py $(if $(SLOW),--slow) $(NB)
+
+# the documentation site (nbdev_docs renders the notebooks with Quarto into _docs/)
+docs: $(STAMP)
+	@command -v quarto >/dev/null || $(BIN)/pip install --quiet quarto-cli >/dev/null 2>&1 || true
+	@if command -v quarto >/dev/null || [ -x $(BIN)/quarto ]; then PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_docs; \
+	 else echo "make docs needs Quarto: install it from https://quarto.org/docs/get-started/ (or pip install quarto-cli where GitHub is reachable), then run make docs again"; fi
 
 # every part runs even when an earlier one fails, so one failure does not hide the others; the summary names
 # each part's result and the target fails if any part did

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['log', 'seed_everything', 'get_device', 'write_error', 'atomic_write_bytes', 'atomic_write_json', 'atomic_torch_save',
-           'read_json', 'cache_root', 'default_data_root', 'file_keys']
+           'read_json', 'cache_root', 'default_data_root', 'file_keys', 'replace_marked', 'write_readme_block']
 
 # %% ../nbs/00_core.ipynb #47c35b18
 import hashlib, json, logging, os, random, tempfile
@@ -142,3 +142,31 @@ def file_keys(root,              # folder the ids are relative to
         try: atomic_write_json(ipath, index, indent=None)
         except OSError as e: log.warning(f"could not save the file-hash index {ipath} ({e}); files are rehashed next time")
     return keys
+
+# %% ../nbs/00_core.ipynb #6dfb16b9
+def replace_marked(text: str,         # the whole file
+                   name: str,         # the block's name, as in `<!-- name:start -->`
+                   body: str,         # the new content between the markers
+                   where="the text",  # the file's name, for the error
+                  ) -> str:
+    """`text` with the block between `<!-- name:start -->` and `<!-- name:end -->` replaced by `body`."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{where} needs exactly one '{start}' followed by one '{end}': put the two markers back around the block")
+    head, rest = text.split(start); _, tail = rest.split(end)
+    return head + start + "\n" + body + "\n" + end + tail
+
+def write_readme_block(root,  # the repository: README.md and nbs/index.ipynb under it
+                       name,  # the block's name
+                       body,  # its new content (markdown)
+                      ) -> list:
+    """Write `body` into the `name` block of README.md and of the home page `nbs/index.ipynb`; returns both paths."""
+    root = Path(root); readme, index = root/"README.md", root/"nbs"/"index.ipynb"
+    nb = json.loads(index.read_text(encoding="utf-8"))
+    cells = [c for c in nb["cells"] if c["cell_type"] == "markdown" and f"<!-- {name}:start -->" in "".join(c["source"])]
+    if len(cells) != 1: raise ValueError(f"{index} needs the '<!-- {name}:start -->' block in exactly one markdown cell, found {len(cells)}")
+    new_readme = replace_marked(readme.read_text(encoding="utf-8"), name, body, readme)
+    cells[0]["source"] = replace_marked("".join(cells[0]["source"]), name, body, index).splitlines(True)
+    atomic_write_bytes(index, (json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(readme, new_readme.encode("utf-8"))
+    return [readme, index]

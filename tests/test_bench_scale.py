@@ -20,3 +20,10 @@ def test_bench_scale_reports_every_stage(tmp_path):
 def test_bench_scale_rejects_unknown_stage():
     r = subprocess.run([sys.executable, str(BENCH), "--stages", "views,nope"], capture_output=True, text=True)
     assert r.returncode != 0 and "nope" in r.stderr
+
+
+def test_bench_shapes_render_reports_a_line():
+    """bench/shapes_render.py (where the shapes world's render time is reported, not asserted) runs at a tiny size."""
+    out = subprocess.run([sys.executable, str(BENCH.parent / "shapes_render.py"), "--n-train", "20", "--n-test", "10", "--runs", "1"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    assert out.startswith("shapes world render: 30 images in ") and "ms/image" in out, out
