@@ -256,8 +256,9 @@ def load_llava(model_id=LLAVA_MODEL, single_view=True, dtype=torch.float32, quan
         # the CLIP tower's CLS token is one extra feature; older snapshots' processor_config.json lacks this (default 0)
         processor.num_additional_image_tokens = int(config.vision_config.model_type == "clip_vision_model")
         kw = dict(dtype=dtype, revision=revision)
-        if quantization_config is not None:
-            kw.update(quantization_config=quantization_config, device_map=_device_map(device))
+        if quantization_config is not None: kw["quantization_config"] = quantization_config
+        if quantization_config is not None or device.type == "cuda":   # every weight straight onto the rank's GPU
+            kw["device_map"] = _device_map(device)                     # (bf16 7B: no 15 GB stop in host memory)
         if single_view:
             model = load_single_view_model(model_id, config, **kw)
             processor = single_view_processor(processor, config)
@@ -268,7 +269,7 @@ def load_llava(model_id=LLAVA_MODEL, single_view=True, dtype=torch.float32, quan
         raise OSError(f"cannot load LLaVA weights {str(model_id)!r} ({where}): download them where there is internet "
                       f"(`hf download {model_id}`, then copy $HF_HOME), or pass a local model folder "
                       f"(build_tiny_llava(path) makes a tiny test one). Cause: {str(e).splitlines()[0]}") from e
-    if quantization_config is None: model.to(device)
+    if "device_map" not in kw: model.to(device)
     processor.tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
     return model.eval(), processor
 

@@ -27,7 +27,8 @@ CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto",
                text_grad=("exact", "fast"), pseudo=("online", "fixed"),
                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
-FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every"}
+FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every",
+               "deterministic"}
 
 @dataclass
 class ExperimentConfig:
@@ -73,6 +74,7 @@ class ExperimentConfig:
     proto_update: str = "target"     # prototypes move to the mean of: target (tbar) | mix (a "w/o momentum" reading)
     drop_last: bool = False          # True: floor(N / batch) steps an epoch (the last partial batch dropped); False: the recipe's
     precision: str = "auto"          # auto (cuda: bf16 if supported, else fp16 + GradScaler) | fp32 | bf16 | fp16
+    deterministic: bool = False      # deterministic CUDA kernels: a resumed GPU run equals an uninterrupted one bitwise; slower steps
     group_sampling: str = "class"    # class: a random group of the sample's c_zs | own: its own group
     text_grad: str = "exact"         # exact: gradients through all texts | fast: descriptions without gradient
     pseudo: str = "online"           # flyp_pl pseudo-labels: online | fixed (c_zs)
@@ -81,7 +83,7 @@ class ExperimentConfig:
     group_gt_correct: int = -1       # -1 -> pseudo-label groups; 0..k -> ground-truth groups with that many correct
     data_fraction: float = 1.0       # Fig. 6: fraction of the training images used
     eval_batch_size: int = 256       # images per evaluation batch
-    num_workers: int = 2             # DataLoader workers
+    num_workers: int = -1            # DataLoader workers (-1: this rank's share of the CPU cores)
     device: str = ""                 # cpu, cuda, cuda:1, mps ("": cuda > mps > cpu)
     tag: str = ""                    # appended to the run name
 
@@ -97,7 +99,7 @@ class ExperimentConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed: raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         for name, low in dict(lr=0, epochs=0, max_steps=0, batch_size=0, warmup_steps=-1, ckpt_every=0, world_seed=0, groups_per_class=0,
-                              num_workers=0, images_per_group=1, caption_batch_size=1, eval_batch_size=1, group_gt_correct=-1).items():
+                              num_workers=-1, images_per_group=1, caption_batch_size=1, eval_batch_size=1, group_gt_correct=-1).items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}" + (" (0 takes the dataset's value)" if low == 0 and name in ("lr", "epochs", "batch_size") else ""))
         if self.weight_decay < 0 and self.weight_decay != -1: raise ValueError(f"weight_decay={self.weight_decay} must be >= 0 (or -1 for the dataset's)")
@@ -142,7 +144,8 @@ class ExperimentConfig:
     def run_name(self) -> str:
         """A readable name that changes with every non-default field that affects results."""
         skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "out_dir", "captions_dir",
-                "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every"}
+                "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every",
+                "deterministic"}
         default = ExperimentConfig(dataset=self.dataset, method=self.method)
         parts = [self.method] + [f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self)
                                  if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)]
@@ -459,6 +462,9 @@ def run_experiment(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     """Run one experiment end to end and return (and write) its metrics."""
     t0 = time.time()
     cfg.validate()   # every mistake that can be seen now is reported now, before any model is loaded
+    if cfg.deterministic:   # before any CUDA work: cuBLAS reads its workspace setting once
+        from latteclip_nb.train import set_deterministic
+        set_deterministic()
     owned = not (dist.is_available() and dist.is_initialized())   # the group this call creates, it also ends
     rank, world, device = _init_distributed(get_device(cfg.device or None))
     if world > 1 and cfg.method not in _TRAIN_METHODS:
@@ -475,6 +481,8 @@ def _run(cfg, overwrite, rank, world, device, t0):
     "run_experiment's body, inside the process group (if any)."
     from latteclip_nb.clip import load_clip, text_classifier, zero_shot_pseudo_labels
     from latteclip_nb.prompts import class_description
+    from latteclip_nb.train import loader_workers
+    workers = loader_workers(cfg.num_workers, world)   # -1: this rank's share of the cores
     seed_everything(cfg.seed)
     spec, sp = resolve_data(cfg)
     spec = recipe_spec(cfg, spec)   # the recipe's class template, for c_zs, the prototypes and the zero-shot baseline
@@ -505,7 +513,7 @@ def _run(cfg, overwrite, rank, world, device, t0):
         metrics["world"] = dict(seed=spec.world.seed, key=spec.world.key(), describer_errors={k: getattr(spec, k) for k in DESCRIBER_ERRORS})
     from latteclip_nb.evaluate import accuracy_report, evaluate
     zs = evaluate(model, eval_tf, test_split, text_classifier(model, tokenizer, classnames, [spec.template], device=device),
-                  batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers, shard=world > 1)
+                  batch_size=cfg.eval_batch_size, device=device, num_workers=workers, shard=world > 1)
     metrics["zeroshot_top1"] = _pct(zs["top1"])
     history, captioner_id = None, None
     if cfg.method == "zeroshot":
@@ -518,7 +526,7 @@ def _run(cfg, overwrite, rank, world, device, t0):
     elif cfg.method == "reclip":
         from latteclip_nb.reclip import ReclipConfig, run_reclip, reclip_templates
         result = run_reclip(model, tokenizer, train_tf, eval_tf, train_split, test_split, classnames, reclip_templates(spec),
-                            ReclipConfig(seed=cfg.seed, max_steps=cfg.max_steps or None, num_workers=cfg.num_workers,
+                            ReclipConfig(seed=cfg.seed, max_steps=cfg.max_steps or None, num_workers=workers,
                                          out_dir=str(out/"reclip")), device=device)
         history = result.get("history")
     else:
@@ -541,7 +549,7 @@ def _run(cfg, overwrite, rank, world, device, t0):
                     labels=train_split.labels, device=device)
         history = res.history
         result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
-                          num_workers=cfg.num_workers, shard=world > 1)   # every rank encodes its share of the test set
+                          num_workers=workers, shard=world > 1)   # every rank encodes its share of the test set
         if rank != 0: _barrier(); return {}   # only rank 0 writes
         metrics["classifier_path"] = str(res.classifier_path) if res.classifier_path else None
     if "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
@@ -599,13 +607,14 @@ def config_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per ExperimentConfig field, each with a one-line description."""
     p = argparse.ArgumentParser(
         prog="latteclip-train", description="Run one LatteCLIP experiment (or a baseline) and write its metrics.json. "
-        "Booleans are written --use-mixer false / --use-mixer true (also 0/1, no/yes); --resume/--no-resume take no value.")
+        "Booleans are written --use-mixer false / --use-mixer true (also 0/1, no/yes); --resume/--no-resume and "
+        "--deterministic/--no-deterministic take no value.")
     notes = _field_help()
     for f in dataclasses.fields(ExperimentConfig):
         flag, kind, note = "--" + f.name.replace("_", "-"), _kind(f), notes.get(f.name, "")
-        if f.name == "resume":
+        if f.name in ("resume", "deterministic"):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f"{note} (default: --resume)")
+                           help=f"{note} (default: {flag if f.default else '--no-' + flag[2:]})")
             continue
         kw = dict(dest=f.name, default=f.default, type={"bool": _parse_bool, "int": int, "float": float}.get(kind, str))
         if f.name in CHOICES: kw["choices"] = CHOICES[f.name]

@@ -175,3 +175,37 @@ def test_two_gloo_processes_match_one(tmp_path, method, n):
         assert a["agreement"] == b["agreement"] and a["label_accuracy"] == b["label_accuracy"] and abs(a["loss"] - b["loss"]) < 1e-5
     # only rank 0 wrote the export
     assert (tmp_path / f"ddp-{method}" / "classifier" / "classifier.json").exists()
+
+
+# ------------------------------------------------------------------ workers by default, the speed in the log, deterministic kernels
+def test_auto_workers_speed_line_and_deterministic_switch(tmp_path, monkeypatch, caplog):
+    """num_workers=-1 takes this process's share of the cores; each epoch's log line has the step and loader rates;
+    deterministic=True switches deterministic kernels on before the first step."""
+    import logging, os
+    import latteclip_nb.train as T
+    from latteclip_nb.experiment import ExperimentConfig, config_parser
+    assert ExperimentConfig().num_workers == -1 and config_parser().parse_args([]).num_workers == -1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})           # one core: no worker beside the loop
+    used = []
+    real_loader = T.DataLoader
+    monkeypatch.setattr(T, "DataLoader", lambda *a, **kw: used.append(kw["num_workers"]) or real_loader(*a, **kw))
+    seen = []
+    real_step = T.Trainer.step
+    def step(self, *a, **kw):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real_step(self, *a, **kw)
+    monkeypatch.setattr(T.Trainer, "step", step)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    was = torch.are_deterministic_algorithms_enabled()
+    caplog.set_level(logging.INFO, logger="latteclip_nb")
+    try:
+        cfg = TrainConfig(method="flyp_pl", epochs=1, warmup_steps=1, lr=1e-4, batch_size=8, num_workers=-1, deterministic=True)
+        res = run(tmp_path / "run", cfg, tmp_path / "world")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert used == [0] and res.step == 3 and seen == [True] * 3 and os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8"
+    line = next(r.getMessage() for r in caplog.records if "flyp_pl epoch 1/1" in r.getMessage())
+    assert " steps/s, " in line and " images/s; loader " in line and "images/s (0 workers), waiting for images" in line, line
+    with pytest.raises(ValueError, match="num_workers=-2"):
+        TrainConfig(num_workers=-2)
