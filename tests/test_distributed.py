@@ -230,3 +230,44 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
         assert got["top1"] == ref["top1"] and got["unreadable"] == ref["unreadable"] == 1
     # each rank encoded only its own share (rank 1's share holds the unreadable image)
     assert [torch.load(tmp_path / f"eval{r}.pt", weights_only=False)["encoded"] for r in (0, 1)] == [6, 6]
+
+
+# ------------------------------------------------------------------ one-process methods under a launcher
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def _zeroshot_worker(rank, world, port, data_root, out, cache):
+    import json
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), LATTECLIP_CACHE=cache)
+    torch.set_num_threads(1)
+    import latteclip_nb.experiment as E
+    written, real_write = [], E.atomic_write_json
+    E.atomic_write_json = lambda path, obj, *a, **kw: written.append(Path(path).name) or real_write(path, obj, *a, **kw)
+    cfg = E.ExperimentConfig(dataset="dtd", data_root=data_root, method="zeroshot", model="latte-tiny", pretrained="none",
+                             num_workers=0, out_dir=out)
+    m = E.run_experiment(cfg)          # env:// group created from the variables above, as under torchrun
+    Path(f"{out}-rank{rank}.json").write_text(json.dumps(dict(metrics=m, written=written, group_left=dist.is_initialized())))
+
+
+def test_one_process_methods_run_on_rank_0_alone(tmp_path, monkeypatch):
+    """zeroshot under 2 gloo ranks (env://): rank 0 runs it and writes metrics.json; rank 1 returns at once, writing
+    nothing; the result equals a single-process run; no process group is left behind."""
+    import json
+    from latteclip_nb.data import make_fake_dataset
+    from latteclip_nb.experiment import ExperimentConfig, run_experiment
+    make_fake_dataset(tmp_path / "data", "dtd", n_train=3, n_val=1, n_test=2)
+    out, cache = tmp_path / "ddp", str(tmp_path / "cache")
+    mp.spawn(_zeroshot_worker, args=(2, _free_port(), str(tmp_path / "data"), str(out), cache), nprocs=2, join=True)
+    r0, r1 = (json.loads(Path(f"{out}-rank{r}.json").read_text()) for r in (0, 1))
+    assert r1["metrics"] == {} and r1["written"] == [] and not r0["group_left"] and not r1["group_left"]
+    assert "metrics.json" in r0["written"] and json.loads((out / "metrics.json").read_text())["top1"] == r0["metrics"]["top1"]
+    monkeypatch.setenv("LATTECLIP_CACHE", cache)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"): monkeypatch.delenv(k, raising=False)
+    one = run_experiment(ExperimentConfig(dataset="dtd", data_root=str(tmp_path / "data"), method="zeroshot", model="latte-tiny",
+                                          pretrained="none", num_workers=0, out_dir=str(tmp_path / "one")))
+    for k in ("top1", "zeroshot_top1", "per_class", "confusion", "n_test", "n_classes"):
+        if k in one: assert r0["metrics"][k] == one[k], k

@@ -219,3 +219,16 @@ def test_cli_class_names_rename_the_task_and_rare_names_resolves_without_weights
     assert ck.name.startswith("latte-shapes-rare-") and ck.parent == Path(env["LATTECLIP_CACHE"]) / "models" and not ck.exists()
     err = _last_line(_cli(["--dataset", "shapes", "--class-names", "ring=circle", "--out-dir", str(tmp_path / "bad")], env, root))
     assert err.startswith("latteclip-train: error:") and "'circle'" in err and not (tmp_path / "bad").exists()
+
+
+def test_deterministic_flag_reaches_the_training_config():
+    """--deterministic takes no value, is a papermill parameter and a TrainConfig field, and does not change a run's identity."""
+    from latteclip_nb.data import get_spec
+    from latteclip_nb.experiment import FREE_FIELDS, config_diff, config_from_params, config_parser, train_config
+    p = config_parser()
+    assert p.parse_args(["--deterministic"]).deterministic is True and p.parse_args([]).deterministic is False
+    assert p.parse_args(["--deterministic", "--no-deterministic"]).deterministic is False
+    cfg = config_from_params({"dataset": "dtd", "deterministic": "True"})
+    assert cfg.deterministic is True and train_config(cfg, get_spec("dtd")).deterministic is True
+    assert "deterministic" in FREE_FIELDS and cfg.run_name() == ExperimentConfig(dataset="dtd").run_name()
+    assert config_diff({**ExperimentConfig(dataset="dtd").__dict__}, cfg) == []
