@@ -95,26 +95,22 @@ def _previous_run(out: Path, cfg: ExperimentConfig, overwrite: bool, rank: int):
 def run_experiment(cfg: ExperimentConfig, overwrite: bool = False, report: bool = True) -> dict:
     """Run one experiment end to end and return (and write) its metrics and, unless `report=False`, its report page."""
     with contextlib.ExitStack() as held:   # the out-dir's lock and the trackers, released however the run ends
-        return _run_experiment(cfg, overwrite, held, report)
-
-def _run_experiment(cfg: ExperimentConfig, overwrite: bool, held: contextlib.ExitStack, report: bool = True) -> dict:
-    "run_experiment inside its ExitStack: the checks, the process group, then the run."
-    t0 = time.time()
-    cfg.validate()   # every mistake that can be seen now is reported now, before any model is loaded
-    if cfg.deterministic:   # before any CUDA work: cuBLAS reads its workspace setting once
-        from latteclip_nb.train import set_deterministic
-        set_deterministic()
-    owned = not (dist.is_available() and dist.is_initialized())   # the group this call creates, it also ends
-    rank, world, device = _init_distributed(get_device(cfg.device or None))
-    if world > 1 and cfg.method not in _TRAIN_METHODS:
-        # zeroshot, llava_zs and reclip are one process's work: rank 0 runs it alone, without a group; the others leave
-        if not owned: raise ValueError(f"method={cfg.method!r} runs in one process: call run_experiment outside a process group")
-        dist.destroy_process_group()
-        if rank != 0: return {}
-        world = 1
-    try: return _run(cfg, overwrite, rank, world, device, t0, held, report)
-    finally:
-        if owned and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+        t0 = time.time()
+        cfg.validate()   # every mistake that can be seen now is reported now, before any model is loaded
+        if cfg.deterministic:   # before any CUDA work: cuBLAS reads its workspace setting once
+            from latteclip_nb.train import set_deterministic
+            set_deterministic()
+        owned = not (dist.is_available() and dist.is_initialized())   # the group this call creates, it also ends
+        rank, world, device = _init_distributed(get_device(cfg.device or None))
+        if world > 1 and cfg.method not in _TRAIN_METHODS:
+            # zeroshot, llava_zs and reclip are one process's work: rank 0 runs it alone, without a group; the others leave
+            if not owned: raise ValueError(f"method={cfg.method!r} runs in one process: call run_experiment outside a process group")
+            dist.destroy_process_group()
+            if rank != 0: return {}
+            world = 1
+        try: return _run(cfg, overwrite, rank, world, device, t0, held, report)
+        finally:
+            if owned and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
 def _run(cfg, overwrite, rank, world, device, t0, held, report=True):
     "run_experiment's body, inside the process group (if any)."

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .core import log
-from .experiment_config import ExperimentConfig, resolve_model
+from .experiment_config import METHODS, ExperimentConfig, resolve_model, _EVAL_ONLY
 
 # %% ../nbs/13b_recipes.ipynb #99f174d0
 PAPER_DATASETS = ("eurosat", "sun397", "food101", "flowers102", "dtd", "fgvc_aircraft", "oxford_pets", "stanford_cars",
@@ -111,7 +111,7 @@ def paper_top1(run, dataset: str):
     return None if row is None else PAPER_TABLES[row[0]][row[1]].get(dataset)
 
 # %% ../nbs/13b_recipes.ipynb #5b7784cf
-_TRAIN_METHODS = ("latteclip", "flyp_pl", "oracle")
+_TRAIN_METHODS = tuple(m for m in METHODS if m not in _EVAL_ONLY)   # latteclip, flyp_pl, oracle
 _SCHEDULE = ("epochs", "warmup_steps", "lr", "batch_size", "weight_decay", "max_steps", "drop_last", "released_workers")   # unset at their default
 
 def recipe_spec(cfg: ExperimentConfig, spec):
