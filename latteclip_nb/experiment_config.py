@@ -21,7 +21,7 @@ METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
 CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "openai", "tiny", "simulated"), bos=("request", "server"), group_sampling=("class", "own"),
                text_grad=("exact", "fast"), pseudo=("online", "fixed"),
                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"),
-               mixer=("eq1", "released"))
+               mixer=("eq1", "released"), route=("pseudo", "true"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
 FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every",
                "deterministic", "report_to"}
@@ -78,6 +78,8 @@ class ExperimentConfig:
     group_sampling: str = "class"    # class: a random group of the sample's c_zs | own: its own group
     text_grad: str = "exact"         # exact: gradients through all texts | fast: descriptions without gradient
     pseudo: str = "online"           # flyp_pl pseudo-labels: online | fixed (c_zs)
+    route: str = "pseudo"            # labels that pick each sample's class text, group and prototype update: pseudo (c_zs) | true (an oracle)
+    route_correct: float = 0.0       # route=pseudo: share of the wrong c_zs replaced by the true label (an oracle when > 0)
     images_per_group: int = 4        # Table 5: images per collage
     groups_per_class: int = 0        # 0 -> one group per image
     group_gt_correct: int = -1       # -1 -> pseudo-label groups; 0..k -> ground-truth groups with that many correct
@@ -109,6 +111,10 @@ class ExperimentConfig:
         if self.group_gt_correct > self.images_per_group:
             raise ValueError(f"group_gt_correct={self.group_gt_correct} exceeds images_per_group={self.images_per_group}")
         if not 0 < self.data_fraction <= 1: raise ValueError(f"data_fraction={self.data_fraction} must lie in (0, 1]")
+        if not 0 <= self.route_correct <= 1: raise ValueError(f"route_correct={self.route_correct} must lie in [0, 1]")
+        if self.route == "true" and self.route_correct: raise ValueError("route_correct corrects the pseudo-labels: with route='true' leave it at 0")
+        if (self.route != "pseudo" or self.route_correct) and not (self.method == "latteclip" or (self.method, self.pseudo) == ("flyp_pl", "fixed")):
+            raise ValueError(f"route and route_correct replace c_zs, which only latteclip and flyp_pl with pseudo='fixed' use (method={self.method!r}): leave them unset")
         if self.method == "latteclip" and not (self.use_class or self.use_image or self.use_group):
             raise ValueError("use_class, use_image and use_group are all False: enable at least one text")
         from latteclip_nb.train import parse_report_to

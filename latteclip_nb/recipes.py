@@ -95,6 +95,7 @@ def paper_row(run) -> tuple | None:
     """(table, row) of the paper that a run (config, its fields, or a method name) reproduces, or None."""
     f = _fields(run)
     method = f.get("method", "latteclip")
+    if f.get("route", "pseudo") != "pseudo" or f.get("route_correct", 0): return None   # an oracle routing: no paper row
     if method not in _TABLE1_ROW or f.get("data_fraction", 1.0) != 1.0: return None   # Fig. 6 has no per-dataset numbers
     if method == "flyp_pl": return ("Table 1", _TABLE1_ROW[method]) if f.get("pseudo", "online") == "online" else None
     if method != "latteclip": return "Table 1", _TABLE1_ROW[method]
