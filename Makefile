@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test sync-check nbtest pytest demo clean outputs docs katex
+.PHONY: install test sync-check nbtest pytest demo clean outputs docs katex reproduce
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ docs: $(STAMP)
 	@command -v quarto >/dev/null || $(BIN)/pip install --quiet quarto-cli >/dev/null 2>&1 || true
 	@if command -v quarto >/dev/null || [ -x $(BIN)/quarto ]; then PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_docs; \
 	 else echo "make docs needs Quarto: install it from https://quarto.org/docs/get-started/ (or pip install quarto-cli where GitHub is reachable), then run make docs again"; fi
+
+# rerun the recorded run of every generated README block (BLOCKS="shapes-results premise" for some) and fail when
+# its top-1 moved by more than half a point
+reproduce: $(STAMP)
+	$(PY) scripts/reproduce.py $(BLOCKS)
 
 # every part runs even when an earlier one fails, so one failure does not hide the others; the summary names
 # each part's result and the target fails if any part did

@@ -15,7 +15,6 @@ from urllib.parse import urlparse
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .core import log, progress_bar
 from .data import load_image

@@ -254,7 +254,7 @@ def _save_figures(result, history, classnames, out):
     if history:
         fig = plot_history(history); fig.savefig(figs/"history.png", dpi=90); plt.close(fig)
 
-# %% ../nbs/13c_experiment.ipynb #a2088db0
+# %% ../nbs/13c_experiment.ipynb #6593c111
 def route_labels(c_zs, labels, route: str = "pseudo", correct: float = 0.0, seed: int = 0, where: str = "the training split"):
     """The labels that route each training sample: c_zs, the true labels, or c_zs with a seeded share of its mistakes corrected."""
     c_zs = torch.as_tensor(c_zs, dtype=torch.long)
@@ -347,7 +347,7 @@ def main(argv=None):
         sys.exit(f"latteclip-train: error: {error_line(e, _out_of(cfg) if cfg else None, cache_root())}")
     if m: print(json.dumps({k: m[k] for k in ("method", "recipe", "dataset", "top1", "zeroshot_top1", "paper_top1") if k in m}))
 
-# %% ../nbs/13c_experiment.ipynb #98816b0e
+# %% ../nbs/13c_experiment.ipynb #8fec8458
 def train_command(params, skip=("out_dir",)) -> list:
     """The `latteclip-train` command line of a run (an ExperimentConfig or its fields): every field off its default, except `skip`."""
     cfg = params if isinstance(params, ExperimentConfig) else ExperimentConfig(**params)

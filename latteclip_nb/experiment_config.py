@@ -11,7 +11,6 @@ import argparse, dataclasses, os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from .core import check_device
 
 # %% ../nbs/13a_experiment_config.ipynb #abe0eca0

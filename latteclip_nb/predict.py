@@ -9,12 +9,12 @@ __all__ = ['LIST_SUFFIXES', 'gather_inputs', 'predict_images', 'write_prediction
 # %% ../nbs/10a_predict.ipynb #a0c1e004
 import argparse, csv, io, json, os, re, sys, time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .core import _atomic, check_device, default_data_root, get_device, log, progress_bar
+from .core import _atomic, check_device, default_data_root, progress_bar
 from .data import IMG_EXTENSIONS, Split, list_images, load_image
 from .evaluate import evaluate, save_results
 from .train import Classifier, load_classifier

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .core import cache_root, log, progress_bar, read_json
 # the shapes world and its describer (12); their public names are this module's too

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
 
-from .core import atomic_write_json, cache_root, log, progress_bar, read_json
+from .core import atomic_write_json, cache_root, log, progress_bar
 
 
 # %% ../nbs/12_shapes_world.ipynb #0d24fc86

@@ -5,7 +5,7 @@
 # %% ../nbs/01a_split_files.ipynb #71810120
 from __future__ import annotations
 
-import json, os, re, shutil
+import json, shutil
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -120,7 +120,7 @@ def compare_table(summary) -> "pd.DataFrame":
     cols[("avg", "datasets")] = ran.sum(axis=1)
     return pd.DataFrame(cols, index=pd.Index(labels, name=label))
 
-# %% ../nbs/13d_sweep.ipynb #ca5786cd
+# %% ../nbs/13d_sweep.ipynb #5cc1fe53
 def record_block(name: str, md: str, runs, command: str, root="..") -> Path:
     """Write `md` into README's `name` block with the command and commit that made it; its runs go to docs/results/<name>.csv."""
     from latteclip_nb.core import write_readme_block

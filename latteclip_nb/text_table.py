@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from .views import seeded_uniform
 from .core import progress_bar

@@ -7,7 +7,7 @@ __all__ = ['MAX_WORKERS', 'seeded_hash', 'seeded_uniform', 'seeded_int', 'steps_
            'seeded_generators', 'SeededViews', 'collate_views', 'loader_workers', 'TimedViews', 'speed_line']
 
 # %% ../nbs/09b_views.ipynb #2f92b460
-import contextlib, math, os, random, time
+import contextlib, os, random, time
 from typing import Optional
 
 import numpy as np
