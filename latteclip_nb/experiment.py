@@ -200,9 +200,9 @@ def _run(cfg, overwrite, rank, world, device, t0, held, report=True):
         history = res.history
         result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
                           num_workers=workers, shard=world > 1) if labeled else None   # every rank encodes its share
-        place = None if layout.shared else rank0_place()
+        place = None if layout.shared else (rank0_place(), broadcast_object(str(out)))   # collectives: every rank asks
         if rank != 0:   # only rank 0 writes
-            if place and layout.writer: log.info(f"metrics.json, the report and the export of this run are written by rank 0 on {place}, in its out-dir {out}")
+            if place and layout.writer: log.info(f"metrics.json, the report and the export of this run are written by rank 0 on {place[0]}, in {place[1]}")
             _barrier(); return {}
         metrics["classifier_path"] = str(res.classifier_path) if res.classifier_path else None
     if result is not None and "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
