@@ -130,7 +130,8 @@ def _agree_on_step(ckpt: Path, step, layout) -> None:
     "Raise a one-line ValueError on every rank unless every rank's copy of the checkpoint is at the same step."
     steps = gather_objects(step)
     if "damaged" in steps:
-        raise ValueError(f"{ckpt} is damaged or not a training checkpoint (on rank {steps.index('damaged')}): rerun with --no-resume "
+        where = f" (rank {steps.index('damaged')}'s copy)" if len(steps) > 1 else ""
+        raise ValueError(f"{ckpt} is damaged or not a training checkpoint{where}: rerun with --no-resume "
                          "(resume=False) to start this run over, or --overwrite to replace the whole out-dir")
     if len(set(steps)) > 1:
         held = ", ".join(f"rank {h}'s copy: {'none' if steps[h] is None else f'step {steps[h]}'}" for h in sorted(set(layout.holder)))

@@ -114,7 +114,7 @@ def _node_worker(rank, world, init_file, d, phase):
     cfg = TrainConfig(method="latteclip", **DDP_CFG, ckpt_every=1)
     try:
         res = run(Path(d) / f"node{rank}", cfg, Path(d) / "world", stop_at=2 if phase == "stop" else None)
-        out = dict(step=res.step, history=res.history, classifier=res.classifier)
+        out = dict(step=res.step, history=res.history, classifier=res.classifier, export=res.classifier_path is not None)
     except ValueError as e: out = dict(error=str(e))
     finally: dist.destroy_process_group()
     out["resumed"] = [m for m in seen if m.startswith("resuming")]
@@ -129,7 +129,8 @@ def _spawn(d, phase):
 
 def test_node_local_checkpoints_resume_at_one_step(tmp_path):
     """Node-local out-dirs: each node keeps a copy of the checkpoint; with both copies at step 2 both ranks resume at
-    step 2 and end as an uninterrupted run; with one copy missing every rank stops with one line and nothing moves."""
+    step 2 and end as an uninterrupted run; with one copy missing every rank stops with one line and nothing moves;
+    once finished, a rerun loads rank 0's export on every rank (the other node has none) instead of training."""
     from test_train import DDP_CFG, run, strip, tiny_world
     from latteclip_nb.train import TrainConfig
     tiny_world(tmp_path / "world")
@@ -157,3 +158,8 @@ def test_node_local_checkpoints_resume_at_one_step(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and a["agreement"] == b["agreement"]
     assert not any(c.exists() for c in ckpts)   # each node removed its copy after the export
     assert (tmp_path / "node0" / "classifier" / "classifier.json").exists() and not (tmp_path / "node1" / "classifier").exists()
+    # run again: rank 0's node holds the finished export, rank 1's does not; both load rank 0's, neither trains
+    again = _spawn(tmp_path, "again")
+    for r in again:
+        assert r["resumed"] == [] and r["step"] == full.step and r["export"] and torch.equal(r["classifier"], resumed[0]["classifier"])
+    assert not any(c.exists() for c in ckpts) and not (tmp_path / "node1" / "classifier").exists()
