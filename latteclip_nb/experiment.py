@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .core import atomic_write_json, cache_root, check_device, deprecated_flag, error_line, get_device, log, seed_everything
+from .nodes import DirLayout, broadcast_object, build_once, dir_layout, rank0_place
 # the config (13a) and the recipes (13b); their public names are this module's too
 from .experiment_config import *
 from .recipes import *
@@ -64,8 +65,8 @@ def config_diff(saved: dict, cfg: ExperimentConfig) -> list:
     return [f"{k}: {saved.get(k, default[k])!r} -> {now[k]!r}" for k in now
             if k not in FREE_FIELDS and saved.get(k, default[k]) != now[k]]
 
-def _previous_run(out: Path, cfg: ExperimentConfig, overwrite: bool, rank: int):
-    "(metrics of the finished run to return, or None; whether training starts over) for what `out` already holds."
+def _look(out: Path, cfg: ExperimentConfig, overwrite: bool):
+    "(metrics of the finished run, or None; whether training starts over) for what `out` holds, or a ValueError."
     metrics_path, started = out/"metrics.json", out/"config.json"
     ways = "give a new out_dir, or "
     if metrics_path.exists():
@@ -84,8 +85,18 @@ def _previous_run(out: Path, cfg: ExperimentConfig, overwrite: bool, rank: int):
                              "with overwrite=True or resume=False (latteclip-train --overwrite or --no-resume)")
         restart = overwrite or not cfg.resume
     else: restart = overwrite or not cfg.resume
-    _barrier()   # every rank has read what is there before rank 0 changes it
-    if rank == 0:
+    return None, restart
+
+def _previous_run(out: Path, cfg: ExperimentConfig, overwrite: bool, rank: int, layout: DirLayout | None = None):
+    "(metrics of the finished run to return, or None; whether training starts over): rank 0's answer for what `out` holds."
+    try: seen = ("ok", _look(out, cfg, overwrite)) if rank == 0 else None
+    except ValueError as e: seen = ("error", str(e))
+    kind, value = broadcast_object(seen)   # every rank acts on rank 0's copy, whatever its own node's copy holds
+    if kind == "error": raise ValueError(value)
+    done, restart = value
+    if done is not None: return done, False
+    metrics_path, started = out/"metrics.json", out/"config.json"
+    if (layout or DirLayout((0,), rank)).writer:   # rank 0; on node-local out-dirs each node's first rank, in its copy
         if restart:
             metrics_path.unlink(missing_ok=True)
             shutil.rmtree(out/"train", ignore_errors=True)   # no checkpoint or export of the old run is resumed or reused
@@ -129,8 +140,9 @@ def _run(cfg, overwrite, rank, world, device, t0, held, report=True):
         if cfg.method in _EVAL_ONLY: raise ValueError(f"{spec.name}: method={cfg.method} needs a labeled test split (for a custom folder pass test_root)")
         log.warning(f"{spec.name}: no labeled test split (test_root): training only, without evaluation (metrics.json gets no top-1)")
     labeled = test_split is not None   # a custom folder may have none: train, do not evaluate
-    if rank == 0: held.enter_context(RunLock(out/"run.lock", what=f"out-dir {out}", advice="wait for that run to finish, or give another out-dir"))
-    done, restart = _previous_run(out, cfg, overwrite, rank)
+    layout = dir_layout(out)   # one out-dir every rank sees, or one per node
+    if layout.writer: held.enter_context(RunLock(out/"run.lock", what=f"out-dir {out}", advice="wait for that run to finish, or give another out-dir"))
+    done, restart = _previous_run(out, cfg, overwrite, rank, layout)
     if done is not None: return done
     train_split = sp["train"]
     if cfg.data_fraction < 1:
@@ -140,9 +152,8 @@ def _run(cfg, overwrite, rank, world, device, t0, held, report=True):
     arch, pretrained = resolve_model(cfg, spec)
     if spec.kind == "shapes":
         from latteclip_nb.shapes import RARE_PRETRAINED, rare_names_checkpoint
-        if cfg.pretrained == RARE_PRETRAINED:   # pretrained once into the cache, by rank 0
-            if rank == 0: rare_names_checkpoint(build=True)
-            _barrier()
+        if cfg.pretrained == RARE_PRETRAINED:   # pretrained once into each copy of the cache, the other ranks wait
+            build_once(dir_layout(cache_root()), lambda: rare_names_checkpoint(build=True))
     model, train_tf, eval_tf, tokenizer = load_clip(arch, pretrained, device=device)
     classnames = train_split.classnames
     class_texts = [class_description(spec, c) for c in classnames]
@@ -174,9 +185,7 @@ def _run(cfg, overwrite, rank, world, device, t0, held, report=True):
         key = dict(model=arch, pretrained=str(pretrained), dataset=spec.name, split="train")
         def labels(): return zero_shot_pseudo_labels(model, eval_tf, tokenizer, sp["train"], spec.template,
                                                      cache_root()/"pseudo_labels", key, device=device)
-        if rank == 0: pl = labels()   # rank 0 computes and caches c_zs; the others then read the cache
-        _barrier()
-        if rank != 0: pl = labels()
+        pl = broadcast_object(labels() if rank == 0 else None)   # rank 0's c_zs on every rank, whatever each node's cache holds
         c_zs = pl.c_zs if cfg.data_fraction == 1 else pl.c_zs[keep]
         metrics["c_zs_train_accuracy"] = None if pl.accuracy is None else 100 * pl.accuracy
         c_zs = route_labels(c_zs, train_split.labels, cfg.route, cfg.route_correct, cfg.seed, where=spec.name)   # an oracle unless route="pseudo"
@@ -194,7 +203,10 @@ def _run(cfg, overwrite, rank, world, device, t0, held, report=True):
         history = res.history
         result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
                           num_workers=workers, shard=world > 1) if labeled else None   # every rank encodes its share
-        if rank != 0: _barrier(); return {}   # only rank 0 writes
+        place = None if layout.shared else (rank0_place(), broadcast_object(str(out)))   # collectives: every rank asks
+        if rank != 0:   # only rank 0 writes
+            if place and layout.writer: log.info(f"metrics.json, the report and the export of this run are written by rank 0 on {place[0]}, in {place[1]}")
+            _barrier(); return {}
         metrics["classifier_path"] = str(res.classifier_path) if res.classifier_path else None
     if result is not None and "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
         result = {**result, **accuracy_report(result["preds"], test_split.labels, len(classnames))}
@@ -231,16 +243,25 @@ def _write_report(out: Path):
 
 def _captions(cfg, spec, split, c_zs, rank, world, device=None):
     "Image and group descriptions for the training split: each rank captions its shard, then all read the merged store."
-    from latteclip_nb.captions import describe_dataset
-    captioner = make_captioner(cfg, spec, device)
+    from latteclip_nb.captions import caption_work, describe_dataset, share_captions
+    from latteclip_nb.nodes import barrier
+    make = lambda: make_captioner(cfg, spec, device)
+    # the tiny LLaVA is built into the cache on first use: once per copy of the cache, the other ranks then load it
+    captioner = build_once(dir_layout(cache_root()), make) if cfg.captioner == "tiny" and world > 1 else make()
     kinds = tuple(k for k, on in (("image", cfg.use_image), ("group", cfg.use_group)) if on)
     store = Path(cfg.captions_dir).expanduser() if cfg.captions_dir else cache_root()/"captions"/spec.name
     kw = dict(kinds=kinds, batch_size=cfg.caption_batch_size, seed=cfg.seed, images_per_group=cfg.images_per_group,
               groups_per_class=cfg.groups_per_class or None)
     if cfg.group_gt_correct >= 0: kw.update(group_labels=split.labels, n_correct=cfg.group_gt_correct)
+    work = caption_work(spec, split, c_zs, kinds, cfg.seed, cfg.images_per_group, kw["groups_per_class"],
+                        kw.get("group_labels"), kw.get("n_correct"))
+    layout = dir_layout(store) if world > 1 else None
+    def between():   # after this rank's shard, before the merge: node-local stores get every shard's captions
+        if not layout.shared: share_captions(store, work, captioner.model_id, rank, world, layout.writer)
+        barrier()
     # one call per rank: it captions this rank's shard, waits for the others at the barrier, then merges
-    texts = describe_dataset(spec, split, c_zs, captioner, store, shard=rank, num_shards=world,
-                             barrier=_barrier if world > 1 else None, **kw)
+    texts = describe_dataset(spec, split, c_zs, captioner, store, shard=rank, num_shards=world, work=work,
+                             barrier=between if world > 1 else None, **kw)
     return texts, captioner.model_id
 
 def _save_figures(result, history, classnames, out):

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .core import atomic_torch_save, atomic_write_bytes, get_device, log, progress_bar, read_json, seed_everything
+from .nodes import broadcast_object, dir_layout, gather_objects
 from .prototypes import PrototypeBank
 # the parts of training, in reading order (09a-09e); their public names are this module's too
 from .run_config import *
@@ -97,19 +98,46 @@ def _finished(out_dir: Path, cfg: TrainConfig, n: int) -> bool:
     meta = read_json(f)
     return bool(meta.get("complete")) and meta.get("n_train") == n and not _config_diff(meta.get("config", {}), cfg)
 
-def _load_finished(model, out_dir: Path, cfg: TrainConfig, device) -> TrainResult:
-    "The TrainResult of a completed run, read back from its export."
+def _read_export(out_dir: Path) -> tuple:
+    "(weights, classifier tensors, classifier.json, history) of a completed run's export."
     exp = out_dir/"classifier"
-    model.load_state_dict(load_file(str(_weights_file(exp))))
+    return (load_file(str(_weights_file(exp))), load_file(str(exp/"classifier.safetensors")), read_json(exp/"classifier.json"),
+            _read_jsonl(out_dir/"metrics.jsonl"))
+
+def _load_finished(model, out_dir: Path, cfg: TrainConfig, device, from_rank0: bool = False) -> TrainResult:
+    "The TrainResult of a completed run, read back from its export (`from_rank0`: rank 0's copy, broadcast; a collective)."
+    exp = out_dir/"classifier"
+    if from_rank0: weights, t, meta, history = broadcast_object(_read_export(out_dir) if dist.get_rank() == 0 else None)
+    else: weights, t, meta, history = _read_export(out_dir)
+    model.load_state_dict(weights)
     model.to(device)
-    t = load_file(str(exp/"classifier.safetensors"))
     bank = None
     if "prototypes" in t:
         bank = PrototypeBank(t["prototypes"], cfg.momentum).to(device)
         bank.prototypes.copy_(t["prototypes"])   # bit-exact (the constructor re-normalises)
-    meta = read_json(exp/"classifier.json")
     log.info(f"{exp} holds a finished run with this config: loaded it instead of training")
-    return TrainResult(model, bank, t["classifier"].to(device), _read_jsonl(out_dir/"metrics.jsonl"), exp, meta.get("step", 0), out_dir)
+    return TrainResult(model, bank, t["classifier"].to(device), history, exp, meta.get("step", 0), out_dir)
+
+def _checkpoint_step(ckpt: Path, resume: bool):
+    "(the checkpoint, or None; its step, None without one, or 'damaged') as this rank sees it."
+    if not (resume and ckpt.exists()): return None, None
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True); saved["config"], saved["n_train"], saved["trainer"]
+        return saved, saved["state"]["step"]
+    except Exception: return None, "damaged"   # torch's own advice for a damaged file (weights_only=False) must never reach a user
+
+def _agree_on_step(ckpt: Path, step, layout) -> None:
+    "Raise a one-line ValueError on every rank unless every rank's copy of the checkpoint is at the same step."
+    steps = gather_objects(step)
+    if "damaged" in steps:
+        where = f" (rank {steps.index('damaged')}'s copy)" if len(steps) > 1 else ""
+        raise ValueError(f"{ckpt} is damaged or not a training checkpoint{where}: rerun with --no-resume "
+                         "(resume=False) to start this run over, or --overwrite to replace the whole out-dir")
+    if len(set(steps)) > 1:
+        held = ", ".join(f"rank {h}'s copy: {'none' if steps[h] is None else f'step {steps[h]}'}" for h in sorted(set(layout.holder)))
+        raise ValueError(f"{ckpt}: the nodes' checkpoints are at different steps ({held}), and no rank may resume at another step "
+                         "than the others: put the out-dir on a filesystem every node shares, copy rank 0's checkpoint.pt into "
+                         "every node's out-dir, or start over with --no-resume (resume=False)")
 
 def train(
     model: torch.nn.Module,         # open_clip CLIP, pretrained (it is fine-tuned in place)
@@ -137,7 +165,9 @@ def train(
     N = len(split)
     c_zs, labels = _check_inputs(split, class_texts, cfg, c_zs, texts, labels)
     if cfg.model_name is None: cfg = replace(cfg, model_name=getattr(model, "model_name", None))
-    if cfg.resume and _finished(out_dir, cfg, N): return _load_finished(model, out_dir, cfg, device)
+    layout = dir_layout(out_dir)   # one copy of out_dir (shared) or one per node
+    if cfg.resume and broadcast_object(_finished(out_dir, cfg, N)):   # rank 0's answer: a finished run is never trained again
+        return _load_finished(model, out_dir, cfg, device, from_rank0=not layout.shared)
     seed_everything(cfg.seed)
     if cfg.method == "latteclip" and cfg.mixer == "released":
         _check_released_mixer(cfg, N, getattr(model.visual, "output_dim", None) or model.text_projection.shape[-1], world)
@@ -147,12 +177,10 @@ def train(
     trainer = Trainer(model, tokenizer, class_texts, cfg, total, c_zs, texts, labels, device)
     ckpt, metrics_path, steps_path = out_dir/"checkpoint.pt", out_dir/"metrics.jsonl", out_dir/"steps.jsonl"
     st = dict(step=0, epoch=0, batch=0, history=[], acc=None)
-    if rank == 0: out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and ckpt.exists():
-        try: saved = torch.load(ckpt, map_location="cpu", weights_only=True); saved["config"], saved["n_train"], saved["trainer"]
-        except Exception as e:   # torch's own advice for a damaged file (weights_only=False) must never reach a user
-            raise ValueError(f"{ckpt} is damaged or not a training checkpoint ({type(e).__name__}): rerun with --no-resume "
-                             "(resume=False) to start this run over, or --overwrite to replace the whole out-dir") from None
+    if layout.writer: out_dir.mkdir(parents=True, exist_ok=True)
+    saved, step = _checkpoint_step(ckpt, cfg.resume)
+    _agree_on_step(ckpt, step, layout)   # every copy at the same step, or every rank stops here
+    if saved is not None:
         diff = _config_diff(saved["config"], cfg)
         if saved["n_train"] != N: diff.append(f"training images: {saved['n_train']} -> {N}")
         if diff:
@@ -163,22 +191,24 @@ def train(
         if reporter is not None: reporter.resume(st["step"])
         if rank == 0:
             atomic_write_bytes(steps_path, "".join(json.dumps(r) + "\n" for r in _read_jsonl(steps_path) if r["step"] <= st["step"]).encode())
-    elif rank == 0:
+    elif layout.writer:
         for f in (metrics_path, steps_path, ckpt, out_dir/"classifier"/"classifier.json", out_dir/RECORD_FILE): f.unlink(missing_ok=True)
     _barrier()
 
     def save():
         err = None
         if trainer.record is not None: trainer.record.sync(device)   # every rank's samples, before rank 0 writes
-        if rank == 0:
+        rng = rng_state() if layout.shared else broadcast_object(rng_state())   # every copy holds rank 0's generator states
+        if layout.writer:   # rank 0; on node-local out-dirs also each node's first rank, into its node's copy
             try: atomic_torch_save(dict(format=1, config=asdict(cfg), n_train=N, total_steps=total, world_size=world,
-                                        state=st, trainer=trainer.state_dict(), rng=rng_state()), ckpt)
+                                        state=st, trainer=trainer.state_dict(), rng=rng), ckpt)
             except OSError as e: err = e   # disk full, read-only: the previous checkpoint is intact
-        failed = err is not None
-        if world > 1:   # every rank learns of rank 0's failure (a barrier alone would leave the others waiting)
-            flag = torch.tensor([int(failed)], device=device); dist.all_reduce(flag); failed = bool(flag.item())
+        failed, bad = err is not None, rank
+        if world > 1:   # every rank learns of a writer's failure (a barrier alone would leave the others waiting)
+            flag = torch.tensor([rank + 1 if failed else 0], device=device); dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = int(flag.item()) - 1; failed = bad >= 0
         if failed:
-            why = f"{err.strerror or err}" if err is not None else "rank 0 could not write the checkpoint"
+            why = f"{err.strerror or err}" if err is not None else f"rank {bad} could not write the checkpoint"
             raise OSError(getattr(err, "errno", None), f"{why}; training stopped at step {st['step']}"
                           + (", and rerunning resumes from the previous checkpoint" if ckpt.exists() else "")) from None
 
@@ -252,8 +282,8 @@ def train(
         if trainer.record is not None: trainer.record.save(out_dir/RECORD_FILE, trainer.bank.prototypes)
         export_classifier(out_dir/"classifier", trainer.model, classifier, split.classnames, class_texts, cfg,
                           None if trainer.bank is None else trainer.bank.prototypes, **{**(meta or {}), "n_train": N, "step": st["step"]})
-        if not cfg.keep_checkpoint: ckpt.unlink(missing_ok=True)
-    _barrier()
+    _barrier()   # the export is complete before any copy of the checkpoint goes
+    if layout.writer and not cfg.keep_checkpoint: ckpt.unlink(missing_ok=True)
     return TrainResult(trainer.model, trainer.bank, classifier, st["history"], out_dir/"classifier", st["step"], out_dir)
 
 def _same_size(mb, world: int, device=None):
