@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['KINDS', 'CLIP_TEXT_TOKENS', 'shard_file', 'record_key', 'CaptionStore', 'WorkItem', 'Work', 'content_ids',
-           'caption_work', 'shard_of', 'clip_bpe', 'clip_token_count', 'caption_stats']
+           'caption_work', 'shard_of', 'clip_bpe', 'clip_token_count', 'caption_stats', 'share_captions']
 
 # %% ../nbs/05b_caption_store.ipynb #fec206ea
 import errno, hashlib, json, os
@@ -16,6 +16,7 @@ try: import fcntl
 except ImportError: fcntl = None  # no file locks on Windows: give every process its own shard
 
 from .core import file_keys, log, RunLock
+from .nodes import gather_objects
 from .collage import as_label_array, sample_groups, sample_groups_gt
 from .prompts import group_prompt, image_prompt
 
@@ -241,3 +242,25 @@ def caption_stats(texts: list[str], token_counts: list | None = None) -> dict:
     counts = map(clip_token_count, texts) if token_counts is None else token_counts
     return {"n": len(texts), "empty": sum(not t.strip() for t in texts),
             "too_long": sum(n > CLIP_TEXT_TOKENS for n in counts)}
+
+# %% ../nbs/05b_caption_store.ipynb #0efd89ba
+def share_captions(
+    out_dir,              # this rank's copy of the caption store
+    work: Work,           # the work list all ranks share
+    model: str,           # the captioner id
+    shard: int,           # this rank's shard ...
+    num_shards: int,      # ... of this many (one per rank)
+    writer: bool,         # this rank writes its copy of the store (nodes.dir_layout(out_dir).writer)
+    gather=gather_objects,  # all-gather of one object per rank (a stand-in in tests)
+) -> int:
+    """Every shard's captions of `work` into each copy of the store: this shard's records all-gathered, missing ones appended; how many were written here."""
+    root = Path(out_dir)
+    recs = CaptionStore(root, shard=None).records if root.is_dir() else {}
+    keys = [it.key(model) for it in work.unique() if shard_of(it, num_shards) == shard]
+    everyone = gather([recs[k] for k in keys if k in recs])
+    if not writer: return 0
+    wrote = 0
+    for s, records in enumerate(everyone):   # each under the shard that made it (its writer has closed it: describe_dataset's barrier)
+        if s != shard and records:
+            with CaptionStore(root, shard=s, wait=True) as store: wrote += store.add(records)
+    return wrote

@@ -237,3 +237,9 @@ def test_readme_matches_index():
         k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         raise AssertionError(f"README.md and nbs/index.ipynb differ (index ...{a[max(0, k - 60):k + 40]}... against README "
                              f"...{b[max(0, k - 60):k + 40]}...): edit nbs/index.ipynb, then run nbdev_readme")
+
+
+def test_sidebar_lists_every_notebook():
+    """nbs/sidebar.yml (the documentation's table of contents) names every notebook, in reading order."""
+    listed = [l.strip()[2:] for l in (NBS / "sidebar.yml").read_text().splitlines() if l.strip().startswith("- ")]
+    assert listed == ["index.ipynb"] + sorted(p.name for p in NOTEBOOKS if p.name != "index.ipynb")
