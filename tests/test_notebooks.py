@@ -30,6 +30,7 @@ FIGURES = [
     ("90_experiment", 'for _name in ("per_class.png", "confusion.png")'),
     ("92_ablations", 'Image(filename="../docs/shapes_data_efficiency.png"'),
     ("93_premise", 'Image(filename="../docs/premise.png"'),
+    ("94_descriptions_map", "fig = plot_map(fr)"),
 ]
 # calls that return None by design: a cell ending in one of them shows nothing
 NO_DISPLAY = {"set_num_threads", "rmtree", "set_grad_checkpointing", "close", "tight_layout", "seed_everything"}
