@@ -159,8 +159,9 @@ def _full_disk_worker(rank, world, init_file, d):
         run(Path(d) / "ddp", T.TrainConfig(method="flyp_pl", **{**DDP_CFG, "ckpt_every": 1}), Path(d) / "world", device="cpu")
         outcome = "finished"
     except OSError as e: outcome = str(e)
-    finally: dist.destroy_process_group()
     Path(d, f"outcome{rank}.txt").write_text(outcome)
+    dist.barrier()                      # both ranks stopped: neither tears the group down while the other still uses it
+    dist.destroy_process_group()
 
 
 def test_a_failed_checkpoint_on_rank_0_stops_every_rank(tmp_path):
