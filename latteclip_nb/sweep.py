@@ -59,6 +59,7 @@ def collect(out_root) -> "pd.DataFrame":
                          zeroshot_top1=m.get("zeroshot_top1"), recipe=m["config"].get("recipe", "reference"),
                          paper_row=" / ".join(paper_row(m["config"]) or ()) or None, paper_top1=paper_top1(m["config"], m["dataset"]),
                          c_zs_train_accuracy=m.get("c_zs_train_accuracy"), route_accuracy=m.get("route_accuracy"),
+                         steps=(m.get("history") or [{}])[-1].get("step"),
                          wall_time_s=m.get("wall_time_s"), git_commit=m.get("git_commit"), command=command_of(m["config"]),
                          **{f"cfg.{k}": v for k, v in m["config"].items()}))
     return pd.DataFrame(rows)

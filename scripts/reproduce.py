@@ -12,8 +12,9 @@ captions and rendered worlds, which are keyed by content) and fails when its top
 import argparse, csv, json, shlex, subprocess, sys, tempfile, time
 from pathlib import Path
 
+from latteclip_nb.sweep import _TRAIN as TRAIN   # latteclip-train in this interpreter, as the sweeps run it
+
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = "import sys; from latteclip_nb.experiment import main; sys.argv[0] = 'latteclip-train'; main(sys.argv[1:])"
 
 
 def recorded_row(csv_path: Path) -> dict:
