@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['run_dir', 'sweep', 'collect', 'command_of', 'summarize', 'markdown_table', 'result_table', 'compare_table',
-           'record_block']
+           'paired_diff', 'mean_std', 'record_block']
 
 # %% ../nbs/13d_sweep.ipynb #cd8b1a1d
 import dataclasses, json, os, subprocess, sys
@@ -120,6 +120,19 @@ def compare_table(summary) -> "pd.DataFrame":
     cols[("avg", "delta")] = cols[("avg", "ours")] - cols[("avg", "paper")]
     cols[("avg", "datasets")] = ran.sum(axis=1)
     return pd.DataFrame(cols, index=pd.Index(labels, name=label))
+
+# %% ../nbs/13d_sweep.ipynb #e3e1f3cd
+def paired_diff(runs, arm, base, by="label", keys=("seed",), values="top1"):
+    """`arm`'s `values` minus `base`'s (rows chosen by column `by`), run by run matched on `keys`; unmatched runs are dropped."""
+    a, b = (runs[runs[by] == x].set_index(list(keys))[values] for x in (arm, base))
+    return (a - b).dropna(how="all")
+
+def mean_std(x, sign="") -> str:
+    """Mean ± std of the values in `x` to 2 decimals (`sign="+"` signs the mean), the mean alone for one value, "" for none."""
+    import pandas as pd
+    x = pd.Series(x, dtype=float).dropna()
+    if x.empty: return ""
+    return f"{round(x.mean(), 2) + 0:{sign}.2f}" + (f" ± {x.std():.2f}" if len(x) > 1 else "")
 
 # %% ../nbs/13d_sweep.ipynb #5cc1fe53
 def record_block(name: str, md: str, runs, command: str, root="..") -> Path:
