@@ -7,9 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT/"scripts"/"reproduce.py"
-# blocks written before runs were recorded one by one: their notebooks regenerate them (the mark then fails, on purpose)
-OLD = pytest.mark.xfail(strict=True, reason="written before per-run records; rerun its notebook on the current code")
-BLOCKS = ("shapes-results", "shapes-ablations", pytest.param("premise", marks=OLD), "descriptions-map")
+BLOCKS = ("shapes-results", "shapes-ablations", "premise", "descriptions-map")
 
 
 def _reproduce(args, tmp_path):
