@@ -4,10 +4,12 @@
 
 # %% auto #0
 __all__ = ['LLAVA_MODEL', 'LLAVA_PINPOINTS', 'TINY_SPECIAL', 'TINY_TEXT', 'TINY_CHAT_TEMPLATE', 'PREPROCESSOR_CONFIG',
-           'PROCESSOR_CONFIG', 'LEGACY_NAMES', 'NF4_SKIP', 'clean_answer', 'CaptionStats', 'tiny_llava_tokenizer',
-           'tiny_llava_processor', 'tiny_llava_config', 'legacy_name', 'build_tiny_llava', 'single_view_config',
-           'single_view_processor', 'load_single_view_model', 'nf4_config', 'llava_precision', 'load_llava',
-           'model_fingerprint', 'checkpoint_ref', 'LlavaCaptioner']
+           'PROCESSOR_CONFIG', 'LEGACY_NAMES', 'NF4_SKIP', 'MAX_CAPTION_BATCH', 'CPU_CAPTION_BATCH', 'DECODINGS',
+           'PROBE_SIDE', 'PROBE_PROMPT', 'clean_answer', 'CaptionStats', 'tiny_llava_tokenizer', 'tiny_llava_processor',
+           'tiny_llava_config', 'legacy_name', 'build_tiny_llava', 'single_view_config', 'single_view_processor',
+           'load_single_view_model', 'nf4_config', 'llava_precision', 'load_llava', 'model_fingerprint',
+           'checkpoint_ref', 'kv_bytes_per_token', 'caption_item_bytes', 'fitting_batch', 'padded_rows',
+           'compile_support', 'decoding_path', 'decode_kwargs', 'LlavaCaptioner']
 
 # %% ../nbs/05_llava.ipynb #c71b3ba2
 import hashlib, json, logging, os, shutil, tempfile, time
@@ -17,12 +19,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from PIL import Image
 from transformers import (AutoConfig, BitsAndBytesConfig, CLIPImageProcessor, CLIPVisionConfig, GenerationConfig,
                           LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                           LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
                           LlavaProcessor, MistralConfig, PreTrainedTokenizerFast)
 
-from .core import file_keys, get_device
+from .core import file_keys, get_device, log
 from .prompts import llava_chat
 
 
@@ -284,6 +287,68 @@ def checkpoint_ref(model_id, commit: str | None = None, revision: str | None = N
     if p.is_dir(): return f"{p.name}@{model_fingerprint(p)}"
     return f"{model_id}@{(commit or '')[:12] or revision or 'main'}"
 
+# %% ../nbs/05_llava.ipynb #d1146ea7
+MAX_CAPTION_BATCH = 256   # larger batches make decoding compute-bound on an H100 and gain nothing
+CPU_CAPTION_BATCH = 8     # CPU and MPS: no memory rule, a small batch
+DECODINGS = ("auto", "compiled", "static", "eager")
+PROBE_SIDE = 672          # the group collage's side: the most image tokens any caption request carries
+PROBE_PROMPT = ("Describe the common visual attributes of the objects in all the photos concisely, less than 20 words. "
+                "Name the colours, the shapes, the textures, the materials and the setting.")   # longer than any prompt sent
+
+def kv_bytes_per_token(text_config, dtype_bytes: int) -> int:
+    """Bytes the key/value cache holds per token, over every layer of the decoder `text_config`."""
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    return 2 * text_config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+def caption_item_bytes(kv_per_token: int, prompt_tokens: int, max_new_tokens: int, activation_bytes: int) -> int:
+    """GPU bytes one caption of a batch needs: its key/value cache at full length and its share of the activation peak."""
+    return kv_per_token * (prompt_tokens + max_new_tokens) + activation_bytes
+
+def fitting_batch(free_bytes: int, item_bytes: int, reserve: float = 0.15, cap: int = MAX_CAPTION_BATCH) -> int:
+    """The largest batch of `item_bytes` captions that fits in `free_bytes` less a `reserve` share, at most `cap`."""
+    usable = int(free_bytes * (1 - reserve))
+    if usable < item_bytes:
+        raise RuntimeError(f"the GPU's {free_bytes / 2**30:.1f} GiB of free memory do not hold one caption "
+                           f"({item_bytes / 2**20:.0f} MiB, {reserve:.0%} kept in reserve): free the GPU or use "
+                           "--captioner-precision nf4")
+    return max(1, min(cap, usable // item_bytes))
+
+def padded_rows(n: int, batch: int) -> int:
+    """Rows a compiled batch of `n` captions runs with: the next power of two, at most `batch`."""
+    return min(batch, 1 << max(0, n - 1).bit_length())
+
+def compile_support(model) -> str:
+    """Why `generate` cannot compile `model`'s decode step on its device ('' when it can)."""
+    dev = model.device
+    if dev.type != "cuda": return f"no CUDA device ({dev.type})"
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major < 7: return f"compute capability {major}.{minor}: torch.compile's GPU kernels need 7.0 or newer"
+    try: import triton  # noqa: F401
+    except ImportError: return "triton is not installed"
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None and not q.is_compileable: return f"{type(q).__name__} does not compile with this bitsandbytes"
+    return ""
+
+def decoding_path(decoding: str, model) -> tuple[str, str]:
+    """Resolve `decoding` for `model` to (path, reason): path is 'compiled', 'static' or 'eager'."""
+    if decoding not in DECODINGS: raise ValueError(f"--caption-decoding {decoding!r}: use {', '.join(DECODINGS)}")
+    if decoding in ("static", "eager"): return decoding, "as asked"
+    why = compile_support(model)
+    if not why: return "compiled", "static KV cache, decode step compiled by torch.compile"
+    if decoding == "compiled": raise ValueError(f"--caption-decoding compiled is not available here ({why}): use auto or eager")
+    return "eager", why
+
+def decode_kwargs(path: str, device) -> dict:
+    """The `generate` arguments of a decoding path."""
+    if path == "eager": return {}
+    if path == "static": return dict(cache_implementation="static", disable_compile=True)
+    from transformers import CompileConfig
+    cc = CompileConfig()
+    cc._compile_all_devices = torch.device(device).type != "cuda"   # only where a caller forced it (the CPU test)
+    return dict(cache_implementation="static", compile_config=cc)
+
 # %% ../nbs/05_llava.ipynb #5af97c19
 class LlavaCaptioner:
     """LLaVA-1.6 captioner in this process (transformers): batched greedy answers, one per (image, prompt)."""
@@ -292,38 +357,77 @@ class LlavaCaptioner:
                  single_view: bool = True,     # only the 336x336 global view (the reference); False: full anyres
                  quantize="auto",              # 'auto' (nf4 on CUDA, bf16 on MPS, fp32 on CPU), 'nf4', 'fp16', 'bf16', 'fp32'
                  device=None,                  # default: cuda > mps > cpu
-                 batch_size: int = 8,          # images per `generate` call
+                 batch_size: int | None = None,  # images per `generate` call (None: the largest that fits the GPU; 8 on CPU)
                  max_new_tokens: int = 77,     # the paper's answer budget
                  generate_kwargs: dict | None = None,  # extra `generate` arguments (e.g. min_new_tokens for benchmarks)
-                 revision: str | None = None):  # hub branch, tag or commit (default: main)
+                 revision: str | None = None,  # hub branch, tag or commit (default: main)
+                 decoding: str = "auto"):      # 'auto' (compiled on a capable CUDA GPU, else eager), 'compiled', 'static', 'eager'
         self.device = get_device(device)
         self.precision, dtype, bnb = llava_precision(quantize, self.device)
         self.model, self.processor = load_llava(model_id, single_view, dtype, bnb, self.device, revision)
-        self.single_view, self.batch_size, self.max_new_tokens = single_view, batch_size, max_new_tokens
+        self.single_view, self.max_new_tokens = single_view, max_new_tokens
         self.generate_kwargs = dict(generate_kwargs or {})
         local = Path(str(model_id)).expanduser().is_dir()
         commit = None if local else getattr(AutoConfig.from_pretrained(model_id, revision=revision), "_commit_hash", None)
         views = "single_view" if single_view else "anyres"  # the tokenizer adds <s>: every prompt starts with BOS
+        # the decoding path and the batch change how fast the answers come, not the answers: not part of the id
         self.model_id = f"{checkpoint_ref(model_id, commit, revision)}:transformers:{views}:{self.precision}:bos"
         self.stats = CaptionStats()
         eos = self.model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else self.processor.tokenizer.eos_token_id])
+        self.decoding, why_decoding = decoding_path(decoding, self.model)
+        self.batch_size, why_batch = (batch_size, "as asked") if batch_size else self.auto_batch()
+        log.info(f"captioner {self.model_id}: batch {self.batch_size} ({why_batch}); decoding {self.decoding} ({why_decoding})")
+
+    def auto_batch(self) -> tuple[int, str]:
+        """The batch that fits the GPU's free memory (from the KV cache and a measured activation peak), and why."""
+        if self.device.type != "cuda": return CPU_CAPTION_BATCH, f"{self.device.type}: a small batch"
+        item, prompt_tokens = self.probe_item_bytes()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        b = fitting_batch(free, item)
+        return b, (f"the largest that fits {free / 2**30:.1f} GiB free at {item / 2**20:.0f} MiB a caption of {prompt_tokens} "
+                   "prompt tokens; --caption-batch-size overrides it")
+
+    @torch.inference_mode()
+    def probe_item_bytes(self) -> tuple[int, int]:
+        """(GPU bytes per caption, prompt tokens), from a two-caption probe of the largest request this captioner is sent."""
+        dev, img = self.model.device, Image.new("RGB", (PROBE_SIDE, PROBE_SIDE), (128, 128, 128))
+        inputs = self.processor(images=[img, img], text=[llava_chat(PROBE_PROMPT)] * 2, return_tensors="pt", padding=True)
+        inputs = inputs.to(dev, dtype=self.model.dtype)
+        torch.cuda.synchronize(dev); torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        self.model.generate(**inputs, do_sample=False, max_new_tokens=2, pad_token_id=self.processor.tokenizer.pad_token_id)
+        torch.cuda.synchronize(dev)
+        activation = (torch.cuda.max_memory_allocated(dev) - base) // 2   # holds the probe's own prompt cache: an upper bound
+        n_prompt = int(inputs["input_ids"].shape[1])
+        kv = kv_bytes_per_token(self.model.config.get_text_config(), self.model.dtype.itemsize)
+        return caption_item_bytes(kv, n_prompt, self.max_new_tokens, activation), n_prompt
 
     @torch.inference_mode()
     def describe(self, images: list, prompts: list[str]) -> list[str]:
         """Answer `prompts[i]` about `images[i]` (greedy, at most `max_new_tokens` tokens)."""
         _check_pairs(images, prompts)
-        t0, answers, tok = time.perf_counter(), [], self.processor.tokenizer
+        t0, answers = time.perf_counter(), []
         for s in range(0, len(images), self.batch_size):
-            batch = [im.convert("RGB") for im in images[s:s + self.batch_size]]
-            texts = [llava_chat(p) for p in prompts[s:s + self.batch_size]]
-            inputs = self.processor(images=batch, text=texts, return_tensors="pt", padding=True)
-            inputs = inputs.to(self.model.device, dtype=self.model.dtype)
-            out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
-                                      pad_token_id=tok.pad_token_id, **self.generate_kwargs)
-            for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-                answer = clean_answer(tok.decode(row, skip_special_tokens=True))
-                self.stats.add(answer, over_long=len(row) >= self.max_new_tokens and not self._eos.intersection(row))
-                answers.append(answer)
+            answers += self.generate(images[s:s + self.batch_size], prompts[s:s + self.batch_size])
         self.stats.seconds += time.perf_counter() - t0
+        return answers
+
+    def generate(self, images: list, prompts: list[str]) -> list[str]:
+        """One `generate` call on one batch; a compiled batch is padded with copies of its last request to a few fixed sizes."""
+        tok, n = self.processor.tokenizer, len(images)
+        extra = (padded_rows(n, self.batch_size) if self.decoding == "compiled" else n) - n
+        batch = [im.convert("RGB") for im in images]
+        texts = [llava_chat(p) for p in prompts]
+        inputs = self.processor(images=batch + batch[-1:] * extra, text=texts + texts[-1:] * extra, return_tensors="pt",
+                                padding=True)
+        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
+                                  pad_token_id=tok.pad_token_id, **decode_kwargs(self.decoding, self.device),
+                                  **self.generate_kwargs)
+        answers = []
+        for row in out[:n, inputs["input_ids"].shape[1]:].tolist():
+            answer = clean_answer(tok.decode(row, skip_special_tokens=True))
+            self.stats.add(answer, over_long=len(row) >= self.max_new_tokens and not self._eos.intersection(row))
+            answers.append(answer)
         return answers

@@ -375,3 +375,27 @@ def test_import_without_openai_and_papermill():
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "needs openai"
+
+
+def test_compiled_decoding_gives_the_eager_answers(tiny, images, monkeypatch):
+    # the compiled path as a GPU takes it (static KV cache, the decode step compiled by torch.compile), forced onto the
+    # CPU: the same greedy answers as eager decoding, in the same store key; a short last batch runs padded
+    import latteclip_nb.llava as llava
+    eager = LlavaCaptioner(str(tiny), batch_size=3, max_new_tokens=8, decoding="eager")
+    want = eager.describe(images, PROMPTS)
+    monkeypatch.setattr(llava, "compile_support", lambda model: "")
+    fast = LlavaCaptioner(str(tiny), batch_size=2, max_new_tokens=8)   # auto: compiled where it can be
+    assert fast.decoding == "compiled" and fast.model_id == eager.model_id
+    assert fast.describe(images, PROMPTS) == want      # one batch of 2, one of 1 (padded to 1: a power of two)
+    assert getattr(fast.model, "_compiled_call", None) is not None   # generate did compile its decode step
+
+
+def test_auto_batch_on_cuda_fits_the_free_memory(tiny, monkeypatch):
+    # the CUDA rule with a fake free-memory figure and a fake probe: the batch is what fits, and it is said once
+    import latteclip_nb.llava as llava
+    cap = LlavaCaptioner(str(tiny), batch_size=1)
+    cap.device = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(LlavaCaptioner, "probe_item_bytes", lambda self: (100 * 2**20, 650))
+    b, why = cap.auto_batch()
+    assert b == 87 and "10.0 GiB free" in why and "100 MiB a caption" in why   # floor(0.85 * 10240 / 100)
