@@ -61,7 +61,7 @@ class OpenAICaptioner:
                  base_url: str,            # e.g. http://localhost:8000/v1 (a bare http://host:port gets /v1)
                  model: str,               # the served model name, e.g. llava-hf/llava-v1.6-mistral-7b-hf
                  api_key: str = "EMPTY",   # local servers ignore it
-                 concurrency: int = 8,     # requests in flight
+                 concurrency: int = 64,    # requests in flight (the server schedules them)
                  timeout: float = 120,     # seconds per request
                  retries: int = 5,         # retries of a transient failure
                  max_tokens: int = 77,     # the paper's answer budget
@@ -76,7 +76,9 @@ class OpenAICaptioner:
         # served captions are full anyres at the server's precision: never the same store key as in-process ones
         ref = checkpoint_ref(model) if Path(str(model)).expanduser().is_dir() else model  # a folder: by content
         self.model_id = f"{ref}:served:anyres:{'bos' if bos == 'request' else 'server-bos'}"
+        if concurrency < 1: raise ValueError(f"--concurrency {concurrency}: must be >= 1")
         self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
+        self.batch_size = 4 * concurrency   # requests per describe() call: a batch's last stragglers idle few slots
         self.max_tokens, self.backoff, self.temperature = max_tokens, backoff, temperature
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
         self.stats, self._lock = CaptionStats(), threading.Lock()
@@ -207,11 +209,12 @@ def _read_answers(path: Path, model_id: str, prompt: str) -> dict:
             if r.get("model") == model_id and r.get("prompt") == prompt: done[r["id"]] = r["answer"]
     return done
 
-def llava_zero_shot(captioner, split, batch_size: int = 8, cache_file=None) -> dict:
+def llava_zero_shot(captioner, split, batch_size: int | None = None, cache_file=None) -> dict:
     """LLaVA zero-shot classification of a labeled split: top1 and match_rate (fractions), preds (-1 = unmatched), answers."""
     if split.labels is None:
         raise ValueError(f"llava_zero_shot needs a labeled split (the test split), got labels=None for {split.root}")
     prompt = llava_zero_shot_prompt(split.classnames)
+    batch_size = batch_size or getattr(captioner, "batch_size", None) or 8   # the captioner's own batch
     cache_file = Path(cache_file) if cache_file else None
     done = _read_answers(cache_file, captioner.model_id, prompt) if cache_file else {}
     if cache_file and cache_file.exists() and cache_file.stat().st_size:

@@ -172,7 +172,7 @@ def _run(cfg, overwrite, rank, world, device, t0, held, report=True):
     elif cfg.method == "llava_zs":
         from latteclip_nb.captioners import llava_zero_shot
         captioner = make_captioner(cfg, spec, device); captioner_id = captioner.model_id
-        result = llava_zero_shot(captioner, test_split, batch_size=cfg.caption_batch_size)
+        result = llava_zero_shot(captioner, test_split)
         metrics["match_rate"] = result["match_rate"]
     elif cfg.method == "reclip":
         from latteclip_nb.reclip import ReclipConfig, run_reclip, reclip_templates
@@ -250,7 +250,7 @@ def _captions(cfg, spec, split, c_zs, rank, world, device=None):
     captioner = build_once(dir_layout(cache_root()), make) if cfg.captioner == "tiny" and world > 1 else make()
     kinds = tuple(k for k, on in (("image", cfg.use_image), ("group", cfg.use_group)) if on)
     store = Path(cfg.captions_dir).expanduser() if cfg.captions_dir else cache_root()/"captions"/spec.name
-    kw = dict(kinds=kinds, batch_size=cfg.caption_batch_size, seed=cfg.seed, images_per_group=cfg.images_per_group,
+    kw = dict(kinds=kinds, batch_size=getattr(captioner, "batch_size", None), seed=cfg.seed, images_per_group=cfg.images_per_group,
               groups_per_class=cfg.groups_per_class or None)
     if cfg.group_gt_correct >= 0: kw.update(group_labels=split.labels, n_correct=cfg.group_gt_correct)
     work = caption_work(spec, split, c_zs, kinds, cfg.seed, cfg.images_per_group, kw["groups_per_class"],

@@ -18,11 +18,12 @@ import hashlib, tempfile
 
 METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
 CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "openai", "tiny", "simulated"), bos=("request", "server"), group_sampling=("class", "own"),
+               captioner_precision=("auto", "nf4", "bf16", "fp16", "fp32"), caption_decoding=("auto", "compiled", "static", "eager"),
                text_grad=("exact", "fast"), pseudo=("online", "fixed"),
                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"),
                mixer=("eq1", "released"), route=("pseudo", "true"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
-FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "server_url", "resume", "ckpt_every",
+FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "caption_decoding", "caption_concurrency", "server_url", "resume", "ckpt_every",
                "deterministic", "report_to"}
 
 @dataclass
@@ -48,7 +49,10 @@ class ExperimentConfig:
     captioner_model: str = ""        # LMM id or folder ("" -> llava-hf/llava-v1.6-mistral-7b-hf)
     server_url: str = ""             # OpenAI-compatible server for captioner=openai
     bos: str = "request"             # captioner=openai: request <s> (vLLM, SGLang) | server (transformers serve adds it itself)
-    caption_batch_size: int = 8      # images per captioner call
+    caption_batch_size: int = 0      # LLaVA: images per generate call (0: the largest that fits the GPU's free memory; 8 on CPU)
+    captioner_precision: str = "auto"  # LLaVA: auto (nf4 on CUDA, the paper's setting) | nf4 | bf16 (fast, ~15 GB) | fp16 | fp32
+    caption_decoding: str = "auto"   # LLaVA: auto (static KV cache + compiled decode step on a capable CUDA GPU, else eager) | compiled | static | eager
+    caption_concurrency: int = 64    # captioner=openai: requests in flight (the server schedules them)
     single_view: bool = True         # LLaVA sees one 336x336 view (the reference setting)
     seed: int = 0                    # seed of training, groups and the data fraction
     epochs: int = 0                  # 0 -> the dataset's epochs
@@ -101,7 +105,7 @@ class ExperimentConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed: raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         for name, low in dict(lr=0, epochs=0, max_steps=0, batch_size=0, warmup_steps=-1, ckpt_every=0, world_seed=0, groups_per_class=0, released_workers=-1,
-                              num_workers=-1, images_per_group=1, caption_batch_size=1, eval_batch_size=1, group_gt_correct=-1).items():
+                              num_workers=-1, images_per_group=1, caption_batch_size=0, caption_concurrency=1, eval_batch_size=1, group_gt_correct=-1).items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}" + (" (0 takes the dataset's value)" if low == 0 and name in ("lr", "epochs", "batch_size") else ""))
         if self.weight_decay < 0 and self.weight_decay != -1: raise ValueError(f"weight_decay={self.weight_decay} must be >= 0 (or -1 for the dataset's)")
@@ -157,7 +161,7 @@ class ExperimentConfig:
     def run_name(self) -> str:
         """A readable name that changes with every non-default field that affects results."""
         skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "name", "out_dir", "captions_dir",
-                "server_url", "caption_batch_size", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every",
+                "server_url", "caption_batch_size", "caption_decoding", "caption_concurrency", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every",
                 "deterministic", "report_to"}
         default = ExperimentConfig(dataset=self.dataset, method=self.method)
         parts = [self.method] + [f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self)
@@ -254,4 +258,5 @@ def make_captioner(cfg: ExperimentConfig, spec, device=None):
     """The captioner a config asks for (`auto`: the simulated describer for shapes, else LLaVA or a server)."""
     from latteclip_nb.captions import build_captioner
     return build_captioner(cfg.captioner, spec, model=cfg.captioner_model, server_url=cfg.server_url,
-                           single_view=cfg.single_view, batch_size=cfg.caption_batch_size, device=device, bos=cfg.bos)
+                           single_view=cfg.single_view, batch_size=cfg.caption_batch_size or None, device=device, bos=cfg.bos,
+                           concurrency=cfg.caption_concurrency, precision=cfg.captioner_precision, decoding=cfg.caption_decoding)

@@ -399,3 +399,31 @@ def test_auto_batch_on_cuda_fits_the_free_memory(tiny, monkeypatch):
     monkeypatch.setattr(LlavaCaptioner, "probe_item_bytes", lambda self: (100 * 2**20, 650))
     b, why = cap.auto_batch()
     assert b == 87 and "10.0 GiB free" in why and "100 MiB a caption" in why   # floor(0.85 * 10240 / 100)
+
+
+def test_served_captioner_keeps_its_concurrency_in_flight(tmp_path):
+    # a stand-in for the server's client that counts the requests in flight: the default keeps 64 of them waiting
+    # on the server through describe_dataset's own batching, whatever --batch-size the in-process captioner would use
+    import threading
+    from latteclip_nb.captions import run_captioner
+    from latteclip_nb.caption_store import CaptionStore, WorkItem
+    class Client:
+        def __init__(self): self.now, self.peak, self.lock = 0, 0, threading.Lock()
+        def create(self, **kw):
+            with self.lock: self.now += 1; self.peak = max(self.peak, self.now)
+            time.sleep(0.05)
+            with self.lock: self.now -= 1
+            msg = SimpleNamespace(content="a red circle")
+            return SimpleNamespace(choices=[SimpleNamespace(message=msg, finish_reason="stop")])
+    cap = OpenAICaptioner("http://127.0.0.1:9/v1", "m")
+    client = Client()
+    cap.client = SimpleNamespace(chat=SimpleNamespace(completions=client))
+    assert (cap.concurrency, cap.batch_size) == (64, 256)
+    root = tmp_path / "imgs"; root.mkdir()
+    noise(8, 8, 0).save(root / "a.png")
+    split = Split(root, ["a.png"] * 300, None, ["x"])
+    items = [WorkItem("image", f"k{i}", "Describe.", (i,)) for i in range(300)]
+    with CaptionStore(tmp_path / "store", shard=0) as store:
+        counts = run_captioner(cap, split, items, store, batch_size=cap.batch_size)
+    assert counts["done"] == 300 and client.peak == 64
+    assert OpenAICaptioner("http://127.0.0.1:9/v1", "m", concurrency=8).batch_size == 32

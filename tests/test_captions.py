@@ -413,6 +413,9 @@ def test_cli_dry_run_counts_lmm_calls_without_loading_it(tmp_path, monkeypatch, 
         one = capsys.readouterr()
         assert C.main(common + ["--groups-per-class", "1"]) == 0
         capped = capsys.readouterr()
+        monkeypatch.setattr(C, "_run_setting", lambda spec, args: ("NVIDIA H200", "nf4", "single_view"))   # as on that GPU
+        assert C.main(common) == 0
+        on_h200 = capsys.readouterr()
     finally: _unregister(name)
     b1, b2 = json.loads(bound.out.strip().splitlines()[-1]), json.loads(bound_capped.out.strip().splitlines()[-1])
     assert not b1["exact"] and (b1["images"], b1["groups"], b1["calls"]) == (16, 16, 32) and "at most 32 LMM calls" in bound.err
@@ -422,6 +425,31 @@ def test_cli_dry_run_counts_lmm_calls_without_loading_it(tmp_path, monkeypatch, 
     assert f"this run needs {p1['calls']} LMM calls: 16 images + {p1['groups']} groups (one group per image" in one.err
     assert p2["exact"] and p2["groups"] <= 3 and p2["calls"] == 16 + p2["groups"] and "1 groups per class" in capped.err
     assert not (tmp_path / "cache" / "captions").exists()
+    # the expected time: none without a measured rate (a CPU), else the calls at the measured rate of that GPU
+    assert p1["expected_s"] is None and "expected time: no measured rate for no GPU with fp32, single view" in one.err
+    h = json.loads(on_h200.out.strip().splitlines()[-1])
+    assert h["calls"] == p1["calls"] and h["expected_s"] == round(p1["calls"] / 15.046)
+    assert "expected time on NVIDIA H200: about 1 min" in on_h200.err and "docs/results/gpu_check_h200.json" in on_h200.err
+
+
+def test_measured_rates_are_those_of_their_files():
+    # every rate --dry-run uses is the number its GPU check recorded (largest batch of that precision and view)
+    from latteclip_nb.captions import MEASURED_RATES
+    root = Path(__file__).resolve().parents[1]
+    for (gpu, precision, view), (photo, collage, batch, source) in MEASURED_RATES.items():
+        res = json.loads((root / source).read_text())
+        assert res["environment"]["gpu"] == gpu
+        runs = {(r["image"], r["batch"]): r["captions_per_s"] for r in res["caption"]["runs"]
+                if r["precision"] == precision and r["view"] == view.replace("single_view", "single")}
+        assert batch == max(b for _, b in runs) and runs[("photo", batch)] == photo
+        assert collage == runs.get(("collage", batch), photo)   # single view: no collage row, the same 576 tokens
+
+
+def test_decoding_choices_are_the_captioners():
+    from latteclip_nb.captions import caption_parser
+    from latteclip_nb.llava import DECODINGS
+    act = next(a for a in caption_parser()._actions if a.dest == "caption_decoding")
+    assert tuple(act.choices) == DECODINGS
 
 
 def test_caption_and_train_agree_on_the_default_data_root(tmp_path, monkeypatch):
