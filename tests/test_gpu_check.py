@@ -85,8 +85,17 @@ def test_caption_section(report):
     # the checkpoint's content hash is timed apart from the loads
     assert len(cap["fingerprint"]) == 12 and cap["fingerprint_s"] >= 0
     assert cap["vocab_size"] % 64 == 0   # the tiny model pads its embedding to 64 rows (the 7B build: 32064)
-    rows = {(r["view"], r["image"], r["batch"]): r for r in cap["runs"]}
-    assert set(rows) == {(v, k, b) for v, k in [("single", "photo"), ("anyres", "photo"), ("anyres", "collage")] for b in (2, 1)}
+    rows = {(r["view"], r["image"], r["batch"], r["decoding"]): r for r in cap["runs"]}
+    # single view as a user gets it (the automatic batch: 8 on a CPU) and at the fixed batches, on the fast path (on a
+    # CPU the static cache alone: compile needs CUDA) and eagerly; anyres eagerly at the fixed batches
+    assert cap["auto"]["fp32 single"] == dict(batch=8, decoding="eager", compile_unavailable="no CUDA device (cpu)")
+    assert set(rows) == ({("single", "photo", b, d) for b in (8, 2, 1) for d in ("static", "eager")}
+                         | {("anyres", k, b, "eager") for k in ("photo", "collage") for b in (2, 1)})
+    assert {r["batch_rule"] for r in cap["runs"] if r["batch"] == 8} == {"auto"}
+    for (view, kind, b, d), r in rows.items():
+        # the eager row follows the fast one on the same images: how many answers differ (here none: same arithmetic)
+        assert r["answers_differ"] == (0 if (view, d) == ("single", "eager") else None)
+        assert r["projected_food101_h"] == (round(141_400 / r["captions_per_s"] / 3600, 2) if view == "single" else None)
     for r in rows.values():
         assert r["precision"] == "fp32" and r["peak_mem_gib"] is None
         assert math.isclose(r["captions_per_s"], r["batch"] / r["median_batch_s"], rel_tol=2e-3)
@@ -97,7 +106,7 @@ def test_caption_section(report):
         assert r["prefill_s"] + (r["answer_tokens"] - 1) * r["decode_p10_p90_s"][0] <= r["median_batch_s"] * 1.05
     # LLaVA-1.6 geometry: single view (336/14)^2 = 576 tokens; anyres adds the tiles of the best grid with one newline
     # per row: a 672x672 collage -> 2x2 tiles = 48x48 patches + 48 newlines -> 576 + 2352 = 2928; a 500x375 photo -> 2340
-    assert {k: r["image_tokens"] for k, r in rows.items() if k[2] == 1} == {
+    assert {k[:3]: r["image_tokens"] for k, r in rows.items() if k[2] == 1} == {
         ("single", "photo", 1): 576, ("anyres", "photo", 1): 2340, ("anyres", "collage", 1): 2928}
 
 
@@ -217,4 +226,4 @@ def test_simulated_gpu_machine_runs_every_section(tmp_path):
     assert res["environment"]["carried"] == ["bitsandbytes", "ftfy", "open_clip", "wcwidth"]
     assert res["environment"]["bitsandbytes"] and res["environment"]["open_clip"]
     assert res["train"]["methods"]["latteclip_exact"]["images_per_s"] > 0 and res["loader"]["fed_images_per_s"] > 0
-    assert len(res["caption"]["runs"]) == 6 and any("NF4" in s["what"] for s in res["skipped"])
+    assert len(res["caption"]["runs"]) == 10 and any("NF4" in s["what"] for s in res["skipped"])
