@@ -9,7 +9,7 @@ __all__ = ['LLAVA_MODEL', 'LLAVA_PINPOINTS', 'TINY_SPECIAL', 'TINY_TEXT', 'TINY_
            'tiny_llava_config', 'legacy_name', 'build_tiny_llava', 'single_view_config', 'single_view_processor',
            'load_single_view_model', 'nf4_config', 'llava_precision', 'load_llava', 'model_fingerprint',
            'checkpoint_ref', 'kv_bytes_per_token', 'caption_item_bytes', 'fitting_batch', 'padded_rows',
-           'compile_support', 'decoding_path', 'decode_kwargs', 'LlavaCaptioner']
+           'compile_support', 'decoding_path', 'decode_kwargs', 'InProcessCaptioner', 'LlavaCaptioner']
 
 # %% ../nbs/05_llava.ipynb #c71b3ba2
 import hashlib, json, logging, os, shutil, tempfile, time
@@ -350,34 +350,23 @@ def decode_kwargs(path: str, device) -> dict:
     return dict(cache_implementation="static", compile_config=cc)
 
 # %% ../nbs/05_llava.ipynb #5af97c19
-class LlavaCaptioner:
-    """LLaVA-1.6 captioner in this process (transformers): batched greedy answers, one per (image, prompt)."""
-    def __init__(self,
-                 model_id: str = LLAVA_MODEL,  # hub id or local folder of a LLaVA-NeXT checkpoint
-                 single_view: bool = True,     # only the 336x336 global view (the reference); False: full anyres
-                 quantize="auto",              # 'auto' (nf4 on CUDA, bf16 on MPS, fp32 on CPU), 'nf4', 'fp16', 'bf16', 'fp32'
-                 device=None,                  # default: cuda > mps > cpu
-                 batch_size: int | None = None,  # images per `generate` call (None: the largest that fits the GPU; 8 on CPU)
-                 max_new_tokens: int = 77,     # the paper's answer budget
-                 generate_kwargs: dict | None = None,  # extra `generate` arguments (e.g. min_new_tokens for benchmarks)
-                 revision: str | None = None,  # hub branch, tag or commit (default: main)
-                 decoding: str = "auto"):      # 'auto' (compiled on a capable CUDA GPU, else eager), 'compiled', 'static', 'eager'
-        self.device = get_device(device)
-        self.precision, dtype, bnb = llava_precision(quantize, self.device)
-        self.model, self.processor = load_llava(model_id, single_view, dtype, bnb, self.device, revision)
-        self.single_view, self.max_new_tokens = single_view, max_new_tokens
-        self.generate_kwargs = dict(generate_kwargs or {})
-        local = Path(str(model_id)).expanduser().is_dir()
-        commit = None if local else getattr(AutoConfig.from_pretrained(model_id, revision=revision), "_commit_hash", None)
-        views = "single_view" if single_view else "anyres"  # the tokenizer adds <s>: every prompt starts with BOS
-        # the decoding path and the batch change how fast the answers come, not the answers: not part of the id
-        self.model_id = f"{checkpoint_ref(model_id, commit, revision)}:transformers:{views}:{self.precision}:bos"
+class InProcessCaptioner:
+    """What every captioner in this process shares: the batch from free memory, the decoding path, batched greedy answers."""
+    model = processor = None  # set by the subclass: a transformers model and its processor
+    max_new_tokens: int = 77
+
+    def start(self, batch_size: int | None, decoding: str):
+        """Choose the decoding path and the batch (once, after loading) and say both in the log."""
         self.stats = CaptionStats()
         eos = self.model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else self.processor.tokenizer.eos_token_id])
         self.decoding, why_decoding = decoding_path(decoding, self.model)
         self.batch_size, why_batch = (batch_size, "as asked") if batch_size else self.auto_batch()
         log.info(f"captioner {self.model_id}: batch {self.batch_size} ({why_batch}); decoding {self.decoding} ({why_decoding})")
+
+    def inputs(self, images: list, prompts: list[str]):
+        """The model's inputs for one batch of (image, prompt) requests, on its device (each subclass builds its own)."""
+        raise NotImplementedError
 
     def auto_batch(self) -> tuple[int, str]:
         """The batch that fits the GPU's free memory (from the KV cache and a measured activation peak), and why."""
@@ -392,8 +381,7 @@ class LlavaCaptioner:
     def probe_item_bytes(self) -> tuple[int, int]:
         """(GPU bytes per caption, prompt tokens), from a two-caption probe of the largest request this captioner is sent."""
         dev, img = self.model.device, Image.new("RGB", (PROBE_SIDE, PROBE_SIDE), (128, 128, 128))
-        inputs = self.processor(images=[img, img], text=[llava_chat(PROBE_PROMPT)] * 2, return_tensors="pt", padding=True)
-        inputs = inputs.to(dev, dtype=self.model.dtype)
+        inputs = self.inputs([img, img], [PROBE_PROMPT] * 2)
         torch.cuda.synchronize(dev); torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
         self.model.generate(**inputs, do_sample=False, max_new_tokens=2, pad_token_id=self.processor.tokenizer.pad_token_id)
@@ -418,10 +406,7 @@ class LlavaCaptioner:
         tok, n = self.processor.tokenizer, len(images)
         extra = (padded_rows(n, self.batch_size) if self.decoding == "compiled" else n) - n
         batch = [im.convert("RGB") for im in images]
-        texts = [llava_chat(p) for p in prompts]
-        inputs = self.processor(images=batch + batch[-1:] * extra, text=texts + texts[-1:] * extra, return_tensors="pt",
-                                padding=True)
-        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        inputs = self.inputs(batch + batch[-1:] * extra, list(prompts) + list(prompts[-1:]) * extra)
         out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
                                   pad_token_id=tok.pad_token_id, **decode_kwargs(self.decoding, self.device),
                                   **self.generate_kwargs)
@@ -431,3 +416,32 @@ class LlavaCaptioner:
             self.stats.add(answer, over_long=len(row) >= self.max_new_tokens and not self._eos.intersection(row))
             answers.append(answer)
         return answers
+
+class LlavaCaptioner(InProcessCaptioner):
+    """LLaVA-1.6 captioner in this process (transformers): batched greedy answers, one per (image, prompt)."""
+    def __init__(self,
+                 model_id: str = LLAVA_MODEL,  # hub id or local folder of a LLaVA-NeXT checkpoint
+                 single_view: bool = True,     # only the 336x336 global view (the reference); False: full anyres
+                 quantize="auto",              # 'auto' (nf4 on CUDA, bf16 on MPS, fp32 on CPU), 'nf4', 'fp16', 'bf16', 'fp32'
+                 device=None,                  # default: cuda > mps > cpu
+                 batch_size: int | None = None,  # images per `generate` call (None: the largest that fits the GPU; 8 on CPU)
+                 max_new_tokens: int = 77,     # the paper's answer budget
+                 generate_kwargs: dict | None = None,  # extra `generate` arguments (e.g. min_new_tokens for benchmarks)
+                 revision: str | None = None,  # hub branch, tag or commit (default: main)
+                 decoding: str = "auto"):      # 'auto' (compiled on a capable CUDA GPU, else eager), 'compiled', 'static', 'eager'
+        self.device = get_device(device)
+        self.precision, dtype, bnb = llava_precision(quantize, self.device)
+        self.model, self.processor = load_llava(model_id, single_view, dtype, bnb, self.device, revision)
+        self.single_view, self.max_new_tokens = single_view, max_new_tokens
+        self.generate_kwargs = dict(generate_kwargs or {})
+        local = Path(str(model_id)).expanduser().is_dir()
+        commit = None if local else getattr(AutoConfig.from_pretrained(model_id, revision=revision), "_commit_hash", None)
+        views = "single_view" if single_view else "anyres"  # the tokenizer adds <s>: every prompt starts with BOS
+        # the decoding path and the batch change how fast the answers come, not the answers: not part of the id
+        self.model_id = f"{checkpoint_ref(model_id, commit, revision)}:transformers:{views}:{self.precision}:bos"
+        self.start(batch_size, decoding)
+
+    def inputs(self, images: list, prompts: list[str]):
+        """LLaVA's `[INST] <image>\n{prompt} [/INST]` requests, left-padded, on the model's device."""
+        enc = self.processor(images=images, text=[llava_chat(p) for p in prompts], return_tensors="pt", padding=True)
+        return enc.to(self.model.device, dtype=self.model.dtype)
