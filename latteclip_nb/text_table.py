@@ -100,6 +100,7 @@ class TextTable:
 
 # %% ../nbs/09c_text_table.ipynb #8eb9da51
 _CALL_TOKENS = dict(cuda=8192, cpu=64)   # padded tokens a further bucket must save to pay for its kernel launches
+_PAD = dict(cuda=(64, 8), cpu=(1, 1))    # (rows, tokens): each bucket padded to multiples of these; few shapes for cuDNN's plans
 
 def _can_cut(model) -> bool:
     "True for open_clip's CLIP text tower: causal, pooled at the end-of-text token, standard residual blocks."
@@ -144,15 +145,28 @@ def _encode_cut(model, tokens: torch.Tensor) -> torch.Tensor:
     x = model.ln_final(x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)])
     return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
 
-def encode_tokens(model, tokens: torch.Tensor, call_tokens: Optional[int] = None) -> torch.Tensor:
+def _encode_padded(model, tokens: torch.Tensor, rows: int, shapes: Optional[list]) -> torch.Tensor:
+    "`_encode_cut` of token ids [n, L] with zero rows added up to a multiple of `rows` (cut off again)."
+    n = len(tokens)
+    extra = -n % rows
+    if extra: tokens = torch.cat([tokens, tokens.new_zeros(extra, tokens.shape[1])])
+    if shapes is not None: shapes.append(tuple(tokens.shape))
+    return _encode_cut(model, tokens)[:n]
+
+def encode_tokens(model, tokens: torch.Tensor, call_tokens: Optional[int] = None, pad: Optional[tuple] = None,
+                  shapes: Optional[list] = None,  # when given, the (rows, length) of each bucket run is appended to it
+                  ) -> torch.Tensor:
     """Unit text features of token ids [N, 77]: `encode_text`'s result, each length bucket cut to its longest text."""
     if tokens.shape[0] == 0 or not _can_cut(model): return model.encode_text(tokens, normalize=True)
-    if call_tokens is None: call_tokens = _CALL_TOKENS.get(tokens.device.type, _CALL_TOKENS["cuda"])
+    kind = tokens.device.type
+    if call_tokens is None: call_tokens = _CALL_TOKENS.get(kind, _CALL_TOKENS["cuda"])
+    rows, mult = pad if pad is not None else _PAD.get(kind, _PAD["cuda"])
     lengths = tokens.argmax(dim=-1) + 1
+    if mult > 1: lengths = ((lengths + mult - 1) // mult * mult).clamp(max=tokens.shape[1])   # bucket lengths: multiples of `mult`
     counts = lengths.new_zeros(tokens.shape[1] + 1).scatter_add_(0, lengths, torch.ones_like(lengths)).tolist()  # one host sync
     buckets = length_buckets(counts, call_tokens)
-    if len(buckets) == 1: return F.normalize(_encode_cut(model, tokens[:, :buckets[0][2]]), dim=-1)
+    if len(buckets) == 1: return F.normalize(_encode_padded(model, tokens[:, :buckets[0][2]], rows, shapes), dim=-1)
     order = torch.argsort(lengths, stable=True)
-    x = torch.cat([_encode_cut(model, tokens[order[a:b], :L]) for a, b, L in buckets])
+    x = torch.cat([_encode_padded(model, tokens[order[a:b], :L], rows, shapes) for a, b, L in buckets])
     return F.normalize(x, dim=-1)[torch.argsort(order)]
 
