@@ -86,9 +86,10 @@ class TextTable:
         return TextTable(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device) for f in fields(self)})
 
     def draw_groups(self, idx: torch.Tensor, c_zs: torch.Tensor, mode: str, seed: int, epoch: int):
-        """Group-description row for each sample, and whether it has one ([B] rows, [B] bool)."""
+        """Group-description row for each sample, and whether it has one ([B] rows, [B] bool); `idx` on the host reads nothing back from the device."""
+        u = torch.from_numpy(seeded_uniform(seed, epoch, idx.cpu().numpy(), 2)).to(c_zs.device, non_blocking=True)
+        idx = idx.to(c_zs.device, non_blocking=True)
         c = c_zs[idx]
-        u = torch.from_numpy(seeded_uniform(seed, epoch, idx.cpu().numpy(), 2)).to(c.device)
         n = self.group_count[c]
         offset = torch.minimum((u * n).long(), (n - 1).clamp(min=0))
         pick = self.group_order[(self.group_start[c] + offset).clamp(max=len(self.group_order) - 1)]
