@@ -281,8 +281,27 @@ def train_section(args, budget, device, res, state):
                         description_words=round(statistics.mean(len(s.split()) for s in texts.image[:512]), 1),
                         description_tokens=round(float(lengths.mean()), 1),
                         group_description_tokens=round(float((tb.tokens[tb.group_id].argmax(-1) + 1).float().mean()), 1),
-                        methods=methods)
+                        methods=methods, text_shapes=shape_count(trainers["latteclip_exact"], N, B, c_zs))
     state.update(model=model, train_tf=train_tf, tokenizer=tokenizer, exact=trainers["latteclip_exact"])
+
+
+def shape_count(trainer, N, B, c_zs, steps=200):
+    """Distinct text-tower shapes of a realistic LatteCLIP exact run of `steps` steps, padded as on CUDA and unpadded.
+
+    Each step's texts: the class texts of c_zs and of a second label (c_zs shifted for a fifth of the batch, as c_ft
+    differs from c_zs early in a run), the image descriptions and a seeded group draw; planned by `text_shapes`."""
+    from latteclip_nb.text_table import text_shapes
+    tb = trainer.table.to("cpu"); c_zs = torch.as_tensor(c_zs).cpu()
+    g = torch.Generator().manual_seed(2)
+    seen = {"padded": set(), "unpadded": set()}
+    for s in range(steps):
+        idx = torch.randperm(N, generator=g)[:B]
+        c_ft = torch.where(torch.rand(B, generator=g) < 0.2, (c_zs[idx] + 1) % len(tb.class_id), c_zs[idx])
+        rows, _ = tb.draw_groups(idx, c_zs, "class", 0, s)
+        uniq = torch.cat([tb.class_id[c_zs[idx]], tb.class_id[c_ft], tb.image_id[idx], rows]).unique()
+        for name, pad in (("padded", (64, 8)), ("unpadded", (1, 1))):
+            seen[name].update(text_shapes(tb.tokens[uniq], 8192, pad))
+    return dict(steps=steps, padded=len(seen["padded"]), unpadded=len(seen["unpadded"]), pad=[64, 8], call_tokens=8192)
 
 
 # ------------------------------------------------------------------------------------------------------- loader
@@ -335,7 +354,7 @@ def loader_section(args, budget, device, res, state):
     res["loader"] = out
     watch = ShmWatch()
 
-    def epoch(e, consume=None):
+    def epoch(e, consume=None, loader=loader):
         sampler.set_epoch(e)
         t0 = time.perf_counter(); n = 0; first = None
         with watch:
@@ -378,10 +397,45 @@ def loader_section(args, budget, device, res, state):
                             f"{args.jpeg_size[0]}x{args.jpeg_size[1]} JPEG takes {1000 * per_image:.1f} ms in one process: "
                             f"{1000 * decode:.1f} ms decoding, {1000 * augment:.1f} ms augmenting, the rest seeding; so at "
                             f"most ~{expect:.0f}/s), the step on resident tensors runs at {resident:.0f} images/s{fed_txt}")
+    device_loaders(args, budget, device, state, out, split, train_tf, sampler, W, epoch, trainer, resident)
     # keeping up: the fed step within 10% of the resident one (or, unfed, a loader at least as fast as the step)
     out["keeps_up"] = (None if resident is None else bool(fed >= 0.9 * resident) if fed is not None
                        else bool(rate >= resident))
     del loader
+
+
+def device_loaders(args, budget, device, state, out, split, train_tf, sampler, W, epoch, trainer, resident):
+    """The loader with uint8 workers and the augmentation on the device (`augment="device"`), without and with the image
+    cache: images/s of the loader with the device half applied, and the latteclip exact step fed by it."""
+    import tempfile
+    from torch.utils.data import DataLoader
+    from latteclip_nb.train import ImageCache, SeededViews, cache_side, collate_views, crop_size, split_transform
+    worker_tf, augment = split_transform(train_tf)
+    cache_dir = tempfile.mkdtemp(prefix="image-cache-")
+    for name, cached in (("device_augment", False), ("device_augment_image_cache", True)):
+        row = out[name] = dict(image_cache=cached)
+        cache = keys = None
+        if cached:
+            if not budget.fits("loader: building the image cache", out.get("loader_epoch_s", 10) * 2): return
+            t = time.perf_counter(); cache = ImageCache(cache_dir, cache_side(crop_size(train_tf))); keys = cache.add(split)
+            row.update(cache_build_s=round(time.perf_counter() - t, 2), cache_mib=round(cache.data.stat().st_size / 2**20, 1),
+                       cache_side=cache.side)
+        views = SeededViews(split, worker_tf, 0, cache, keys, with_seeds=True)
+        loader = DataLoader(views, batch_sampler=sampler, num_workers=W, collate_fn=collate_views,
+                            pin_memory=device.type == "cuda", persistent_workers=W > 0)
+        on_device = lambda b, e: augment(b[0].to(device, non_blocking=True), b[2])
+        if not budget.fits(f"loader: {name}, start-up and timed epochs", 2 * out.get("loader_epoch_s", 10) + 5): return
+        epoch(0, on_device, loader)
+        n, total, first, _ = epoch(1, on_device, loader)
+        row.update(loader_images_per_s=round(n / total, 1), loader_epoch_s=round(total, 2),
+                   batch_mib=round(args.batch * 3 * crop_size(train_tf) ** 2 / 2**20, 3))
+        if trainer is not None and resident and budget.fits(f"loader: the latteclip exact step fed by {name}", total + n / resident * 1.2 + 2):
+            n, total, first, after = epoch(2, lambda b, e: trainer.step([(on_device(b, e), b[1])], e), loader)
+            row.update(fed_images_per_s=round(n / total, 1), fed_over_resident=round(n / total / resident, 3))
+        print(f"  {name}: loader {row['loader_images_per_s']:.0f} images/s"
+              + (f", fed step {row['fed_images_per_s']:.0f} images/s" if "fed_images_per_s" in row else ""), flush=True)
+        del loader
+    shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 def shm_usage(path="/dev/shm"):
@@ -639,6 +693,10 @@ def print_table(res):
         for name, m in tr["methods"].items():
             print(f"  {name:16s} {m['images_per_s']:10.1f} {m['median_step_s']:10.4f} {m['ratio_to_flyp_pl']:10.3f} "
                   f"{m['peak_mem_gib'] if m['peak_mem_gib'] is not None else '-':>9} {m['texts_encoded']:6d}")
+        if tr.get("text_shapes"):
+            ts = tr["text_shapes"]
+            print(f"  text-tower shapes in {ts['steps']} latteclip exact steps: {ts['padded']} padded to {tuple(ts['pad'])}, "
+                  f"{ts['unpadded']} unpadded")
     ld = res.get("loader")
     if ld and "loader_images_per_s" in ld:
         print(f"\nloader: {ld['files']} JPEGs {ld['file_size'][0]}x{ld['file_size'][1]}, {ld['num_workers']} workers, "
@@ -648,6 +706,11 @@ def print_table(res):
         if "fed_images_per_s" in ld:
             print(f"  exact step, loader  {ld['fed_images_per_s']:10.1f} images/s")
             print(f"  exact step, resident{ld['resident_images_per_s']:10.1f} images/s   fed/resident {ld['fed_over_resident']:.2f}")
+        for name in ("device_augment", "device_augment_image_cache"):
+            d = ld.get(name, {})
+            if "loader_images_per_s" in d:
+                print(f"  {name.replace('_', ' '):27s}{d['loader_images_per_s']:10.1f} images/s"
+                      + (f", exact step fed by it {d['fed_images_per_s']:.1f} images/s" if "fed_images_per_s" in d else ""))
         print(f"  {ld['statement']}")
     cp = res.get("caption", {}).get("runs")
     if cp:

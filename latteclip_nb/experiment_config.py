@@ -21,7 +21,7 @@ CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto",
                captioner_precision=("auto", "nf4", "bf16", "fp16", "fp32"), caption_decoding=("auto", "compiled", "static", "eager"),
                text_grad=("exact", "fast"), pseudo=("online", "fixed"),
                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"),
-               mixer=("eq1", "released"), route=("pseudo", "true"))
+               mixer=("eq1", "released"), route=("pseudo", "true"), augment=("worker", "device"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
 FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "caption_decoding", "caption_concurrency", "server_url", "resume", "ckpt_every",
                "deterministic", "report_to"}
@@ -90,6 +90,8 @@ class ExperimentConfig:
     eval_batch_size: int = 256       # images per evaluation batch
     num_workers: int = -1            # DataLoader workers (-1: this rank's share of the CPU cores)
     device: str = ""                 # cpu, cuda, cuda:1, mps ("": cuda > mps > cpu)
+    augment: str = "worker"          # worker: the whole train transform in the loader workers | device: uint8 crops, jitter and normalisation on the training device
+    image_cache: bool = False        # decode each training image once, as uint8 at a bounded size, into <cache>/images (reused by every epoch and rerun)
     report_to: str = ""              # experiment tracking: tensorboard, wandb, tensorboard,wandb ("": none; optional extras)
     tag: str = ""                    # appended to the run name
 

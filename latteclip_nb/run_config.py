@@ -18,7 +18,8 @@ from .mixer import MIXERS
 METHODS = ("latteclip", "flyp_pl", "oracle")
 _CHOICES = dict(method=METHODS, group_sampling=("class", "own"), text_grad=("exact", "fast"),
                 pseudo=("online", "fixed"), precision=("auto", "fp32", "bf16", "fp16"),
-                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), mixer=MIXERS)
+                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), mixer=MIXERS,
+                augment=("worker", "device"))
 # fields that do not change the numbers: a checkpoint written under other values still resumes
 _FREE_FIELDS = {"ckpt_every", "num_workers", "log_every", "resume", "keep_checkpoint", "model_name", "pretrained", "deterministic"}
 
@@ -60,6 +61,8 @@ class TrainConfig:
     model_name: Optional[str] = None  # open_clip architecture, recorded in the export for load_classifier
     pretrained: Optional[str] = None  # its pretrained tag or file, recorded in the export
     deterministic: bool = False    # deterministic kernels (set_deterministic): bitwise resume on CUDA too, slower steps
+    augment: str = "worker"        # worker: the whole train transform in the loader | device: uint8 crops, the rest batched on the device (views)
+    image_cache: bool = False      # decode each training image once into a content-keyed uint8 file (views.ImageCache)
 
     def __post_init__(self): self.check()
 

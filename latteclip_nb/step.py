@@ -101,12 +101,12 @@ class SampleRecord:
 # %% ../nbs/09d_step.ipynb #e30d7365
 class _Towers(torch.nn.Module):
     "Image tower, then the text tower on the texts `texts_for(v)` selects: one forward for DDP."
-    def __init__(self, model): super().__init__(); self.model = model
+    def __init__(self, model, shapes: Optional[list] = None): super().__init__(); self.model, self.shapes = model, shapes
 
     def forward(self, images, texts_for: Callable):
         v = self.model.encode_image(images, normalize=True)
         tokens = texts_for(v)
-        t = None if tokens is None else encode_tokens(self.model, tokens)
+        t = None if tokens is None else encode_tokens(self.model, tokens, shapes=self.shapes)
         return v, t, self.model.logit_scale.exp()
 
 def dist_info() -> tuple:
@@ -148,7 +148,8 @@ class Trainer:
         self.record = None if self.bank is None else SampleRecord(len(self.c_zs), self.bank.prototypes)
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg, total_steps, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaler)
-        self.towers = _Towers(self.model)
+        self.text_shapes = []   # (rows, length) of each text-tower call in the last step (encode_tokens' buckets)
+        self.towers = _Towers(self.model, self.text_shapes)
         if self.world > 1:
             # only the text tower can sit out a step (fast mode without class texts)
             unused = latte and cfg.text_grad == "fast" and not cfg.use_class
@@ -179,19 +180,19 @@ class Trainer:
         "Features of each named part ([B] rows) from the features `t` of the distinct texts."
         for j, (name, _) in enumerate(parts): out[name] = t[inv[j * B:(j + 1) * B]]
 
-    def _latteclip(self, images, idx, epoch):
+    def _latteclip(self, images, idx, epoch, host_idx=None):
         cfg, tb, B = self.cfg, self.table, len(idx)
         c_zs = self.c_zs[idx]
         desc, has_group = [], torch.ones(B, dtype=torch.bool, device=self.device)
         if cfg.use_image: desc.append(("image", tb.image_id[idx]))
         if cfg.use_group:
-            rows, has_group = tb.draw_groups(idx, self.c_zs, cfg.group_sampling, cfg.seed, epoch)
+            rows, has_group = tb.draw_groups(idx if host_idx is None else host_idx, self.c_zs, cfg.group_sampling, cfg.seed, epoch)
             desc.append(("group", rows))
         fast, feats, plan = cfg.text_grad == "fast", {}, {}
         self.texts_encoded = 0
         if fast and desc:
             uniq, inv = torch.cat([r for _, r in desc]).unique(return_inverse=True)
-            with torch.no_grad(), self.autocast(): t = encode_tokens(self.model, tb.tokens[uniq]).float()
+            with torch.no_grad(), self.autocast(): t = encode_tokens(self.model, tb.tokens[uniq], shapes=self.text_shapes).float()
             self._gather(t, inv, desc, B, feats); self.texts_encoded += len(uniq)
 
         def texts_for(v):
@@ -222,13 +223,13 @@ class Trainer:
         moved = torch.cat([tbar_zs, tbar_ft] if cfg.proto_update == "target" else [mix_zs, mix_ft])
         return loss, c_ft, (torch.cat([c_zs, c_ft]), moved.detach())
 
-    def _flyp(self, images, idx, epoch):
+    def _flyp(self, images, idx, epoch, host_idx=None):
         cfg, tb, plan = self.cfg, self.table, {}
         if cfg.method == "oracle": fixed = self.labels[idx]
         elif cfg.pseudo == "fixed": fixed = self.c_zs[idx]
         else:
             fixed = None
-            with torch.no_grad(), self.autocast(): W = encode_tokens(self.model, tb.tokens[tb.class_id]).float()
+            with torch.no_grad(), self.autocast(): W = encode_tokens(self.model, tb.tokens[tb.class_id], shapes=self.text_shapes).float()
 
         def texts_for(v):
             y = fixed if fixed is not None else (v.detach().float() @ W.T).argmax(dim=-1)
@@ -247,18 +248,25 @@ class Trainer:
         valid = [mb for mb in micro_batches if mb is not None]   # the same on every process (see _same_size)
         k, out = len(valid), dict(loss=0.0, micro=0, agree=0, n=0, correct=0, labeled=0)
         forward = self._latteclip if self.cfg.method == "latteclip" else self._flyp
-        for j, (images, idx) in enumerate(valid):
-            images, idx = images.to(self.device, non_blocking=True), idx.to(self.device)
+        self.text_shapes.clear()
+        wide = torch.float32 if self.device.type == "mps" else torch.float64   # mps has no float64
+        sums = torch.zeros(3, dtype=wide, device=self.device)   # loss, agree, correct: read once, after the loop
+        for j, (images, host_idx) in enumerate(valid):
+            images, idx = images.to(self.device, non_blocking=True), host_idx.to(self.device, non_blocking=True)
             sync = self.towers.no_sync() if self.world > 1 and j < k - 1 else contextlib.nullcontext()
             with sync:                      # gradients are all-reduced once, on the last micro-batch
-                loss, y, bank_update = forward(images, idx, epoch)
-                value = loss.item()
-                if not math.isfinite(value): raise FloatingPointError(f"the loss is {value} at epoch {epoch + 1}")
+                loss, y, bank_update = forward(images, idx, epoch, host_idx)
                 self.scaler.scale(loss / k).backward()
             if bank_update is not None: self.bank.update(*bank_update)
-            out["loss"] += value; out["micro"] += 1
-            if self.c_zs is not None: out["agree"] += int((y == self.c_zs[idx]).sum()); out["n"] += len(idx)
-            if self.labels is not None: out["correct"] += int((y == self.labels[idx]).sum()); out["labeled"] += len(idx)
+            agree = (y == self.c_zs[idx]).sum() if self.c_zs is not None else y.new_zeros(())
+            correct = (y == self.labels[idx]).sum() if self.labels is not None else y.new_zeros(())
+            sums += torch.stack([loss.detach(), agree, correct]).to(wide)
+            out["micro"] += 1
+            if self.c_zs is not None: out["n"] += len(idx)
+            if self.labels is not None: out["labeled"] += len(idx)
+        loss_sum, agree, correct = sums.tolist()   # the step's one host read of its statistics
+        if not math.isfinite(loss_sum): raise FloatingPointError(f"the loss is {loss_sum} at epoch {epoch + 1}")   # before the weights change
+        out.update(loss=loss_sum, agree=int(agree), correct=int(correct))
         if k:
             self.scaler.step(self.optimizer); self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

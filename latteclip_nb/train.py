@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import atomic_torch_save, atomic_write_bytes, get_device, log, progress_bar, read_json, seed_everything
+from .core import atomic_torch_save, atomic_write_bytes, cache_root, get_device, log, progress_bar, read_json, seed_everything
 from .nodes import broadcast_object, dir_layout, gather_objects
 from .prototypes import PrototypeBank
 # the parts of training, in reading order (09a-09e); their public names are this module's too
@@ -218,7 +218,7 @@ def train(
                                   f"lower lr or use precision='fp32', then rerun with a new out_dir or resume=False (latteclip-train --no-resume)")
 
     workers = loader_workers(cfg.num_workers, world)
-    views = TimedViews(SeededViews(split, train_transform, cfg.seed), workers)
+    views, augment = _train_views(split, train_transform, cfg, workers)
     loader = DataLoader(views, batch_sampler=sampler, num_workers=workers,
                         collate_fn=collate_views, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     for epoch in range(st["epoch"], cfg.epochs):
@@ -235,6 +235,8 @@ def train(
             fetched = [next(batches) for _ in range(cfg.grad_accum)]
             speed["wait"] += time.perf_counter() - t_wait
             micro = [_same_size(mb, world, device) for mb in fetched]
+            if augment is not None:   # uint8 crops: the photometric half on the device, from each view's seed
+                micro = [None if mb is None else (augment(mb[0].to(device, non_blocking=True), mb[2]), mb[1]) for mb in micro]
             try: m = trainer.step(micro, epoch)
             except FloatingPointError as e: raise fail(e) from None
             st["step"], st["batch"] = st["step"] + 1, b + 1
@@ -286,13 +288,22 @@ def train(
     if layout.writer and not cfg.keep_checkpoint: ckpt.unlink(missing_ok=True)
     return TrainResult(trainer.model, trainer.bank, classifier, st["history"], out_dir/"classifier", st["step"], out_dir)
 
+def _train_views(split, train_transform, cfg: TrainConfig, workers: int) -> tuple:
+    "(the timed views the loader fetches, the DeviceAugment to apply on the device or None) for `cfg.augment` and `cfg.image_cache`."
+    worker_tf, augment = split_transform(train_transform) if cfg.augment == "device" else (train_transform, None)
+    cache = keys = None
+    if cfg.image_cache:   # every rank asks; the first writes what is missing under the cache's lock, the others wait and read
+        cache = ImageCache(cache_root()/"images", cache_side(crop_size(train_transform)))
+        keys = cache.add(split)
+    return TimedViews(SeededViews(split, worker_tf, cfg.seed, cache, keys, with_seeds=augment is not None), workers), augment
+
 def _same_size(mb, world: int, device=None):
     "Under DDP, cut every process's micro-batch to the smallest one (unreadable images make them differ)."
     if world == 1: return mb
     n = torch.tensor([0 if mb is None else len(mb[1])], device=device)  # on the process's device: NCCL takes CUDA tensors only
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     n = int(n)
-    return None if n == 0 else (mb[0][:n], mb[1][:n])
+    return None if n == 0 else tuple(x[:n] for x in mb)
 
 # %% ../nbs/09f_train.ipynb #04d091f6
 REPORT_TO = ("tensorboard", "wandb")

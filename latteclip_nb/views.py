@@ -4,16 +4,20 @@
 
 # %% auto #0
 __all__ = ['MAX_WORKERS', 'seeded_hash', 'seeded_uniform', 'seeded_int', 'steps_per_epoch', 'total_steps', 'EpochBatches',
-           'seeded_generators', 'SeededViews', 'collate_views', 'loader_workers', 'TimedViews', 'speed_line']
+           'seeded_generators', 'SeededViews', 'collate_views', 'loader_workers', 'TimedViews', 'speed_line',
+           'adjust_brightness', 'adjust_contrast', 'adjust_saturation', 'adjust_hue', 'DeviceAugment',
+           'split_transform', 'cache_side', 'crop_size', 'ImageCache']
 
 # %% ../nbs/09b_views.ipynb #2f92b460
 import contextlib, os, random, time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .core import RunLock, atomic_write_json, progress_bar, read_json
 from .run_config import TrainConfig
 
 # %% ../nbs/09b_views.ipynb #5345291e
@@ -115,13 +119,27 @@ def seeded_generators(seed: int):
 
 class SeededViews(Dataset):
     """Augmented views keyed by (epoch, index): the same key always gives the same view."""
-    def __init__(self, split, transform, seed: int = 0):
+    def __init__(self, split, transform, seed: int = 0,
+                 cache=None,               # an ImageCache holding the split's images (`keys`), read instead of the files
+                 keys: Optional[list] = None,  # the content key of each image in `cache` (ImageCache.add), None: unreadable
+                 with_seeds: bool = False, # also return each view's seed for the device part of the augmentation
+                 ):
         from latteclip_nb.data import ImageDataset
         self.images, self.transform, self.seed = ImageDataset(split, None), transform, seed
+        self.cache, self.keys, self.with_seeds = cache, keys, with_seeds
+        if cache is not None and (keys is None or len(keys) != len(split)):
+            raise ValueError(f"an image cache needs one key per image of the split ({len(split)}): pass keys=cache.add(split)")
 
     def __len__(self): return len(self.images)
 
     def __getitem__(self, key): return self.__getitems__([key])[0]
+
+    def _image(self, i: int):
+        "(PIL image, i) of image i, from the cache when there is one; None when it cannot be read."
+        if self.cache is None: return self.images[i]
+        from PIL import Image
+        k = self.keys[i]
+        return None if k is None else (Image.fromarray(self.cache[k]), i)
 
     def __getitems__(self, keys):
         """The views of a list of (epoch, index[, round]) keys (the DataLoader's batched fetch); generator states saved once."""
@@ -129,21 +147,21 @@ class SeededViews(Dataset):
         E, I, R = (np.array(col, dtype=np.int64).reshape(-1) for col in zip(*keys)) if keys else [np.zeros(0, np.int64)] * 3
         h = seeded_hash(self.seed, E, I, 1)
         if (R > 0).any(): h = np.where(R > 0, seeded_hash(self.seed, E, I, 1, R), h)   # a repeated draw: a fresh view
-        seeds = (h >> np.uint64(1)).tolist()
+        seeds, device_seeds = (h >> np.uint64(1)).tolist(), (seeded_hash(h, 3) >> np.uint64(1)).tolist()
         out, saved = [], _global_states()
         try:
-            for (_, i, _), s in zip(keys, seeds):
-                item = self.images[i]
+            for (_, i, _), s, d in zip(keys, seeds, device_seeds):
+                item = self._image(i)
                 if item is None: out.append(None); continue
-                _seed_globals(s); out.append((self.transform(item[0]), i))
+                _seed_globals(s); out.append((self.transform(item[0]), i) + ((d,) if self.with_seeds else ()))
         finally: _set_global_states(saved)
         return out
 
 def collate_views(batch):
-    """Stack readable (view, index) pairs; None when none of the batch could be read."""
+    """Stack readable (view, index[, seed]) items; None when none of the batch could be read."""
     batch = [b for b in batch if b is not None]
     if not batch: return None
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch], dtype=torch.long)
+    return (torch.stack([b[0] for b in batch]),) + tuple(torch.tensor([b[j] for b in batch], dtype=torch.long) for j in range(1, len(batch[0])))
 
 # %% ../nbs/09b_views.ipynb #ec92c046
 MAX_WORKERS = 16   # per rank; one H200's loader gave 1149 images/s with 16 workers (bench/gpu_check.py)
@@ -187,3 +205,148 @@ def speed_line(steps: int, images: int, seconds: float, wait: float, loader_rate
             f"loader {'-' if loader_rate is None else f'{loader_rate:.0f}'} images/s ({workers} workers), "
             f"waiting for images {share:.0%} of the time")
     return line + (": input-bound" if share > 0.3 else "")
+
+# %% ../nbs/09b_views.ipynb #0d22dfa5
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    "ITU-R 601 luma [n, 1, H, W] of RGB images [n, 3, H, W] (torchvision's weights)."
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+def _col(f: torch.Tensor) -> torch.Tensor: return f.view(-1, 1, 1, 1)
+
+def adjust_brightness(x, f): return (x * _col(f)).clamp(0, 1)
+def adjust_contrast(x, f): return (_col(f) * x + (1 - _col(f)) * _gray(x).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+def adjust_saturation(x, f): return (_col(f) * x + (1 - _col(f)) * _gray(x)).clamp(0, 1)
+
+def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Images [n, 3, H, W] in [0, 1] with their hue turned by f[n] (in turns), through float HSV as torchvision's tensor path."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    eq, cr = maxc == minc, maxc - minc
+    one = torch.ones_like(maxc)
+    s, d = cr / torch.where(eq, one, maxc), torch.where(eq, one, cr)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = (maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc) + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = ((h / 6.0 + 1.0) % 1.0 + f.view(-1, 1, 1)) % 1.0
+    i = torch.floor(h * 6.0); fr = h * 6.0 - i; i = i.long() % 6
+    v = maxc
+    p, q, t = (v * (1 - s)).clamp(0, 1), (v * (1 - s * fr)).clamp(0, 1), (v * (1 - s * (1 - fr))).clamp(0, 1)
+    table = torch.stack([torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)  # [n, 3, 6, H, W]
+    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+
+_JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)   # torchvision ColorJitter's four, in its numbering
+
+# %% ../nbs/09b_views.ipynb #d6bda4bd
+class DeviceAugment:
+    """The photometric half of a train transform (colour jitter, grayscale, flip, normalisation), batched in torch on uint8 crops."""
+    def __init__(self, mean, std, jitter=None, jitter_p: float = 0.0, gray_p: float = 0.0, flip_p: float = 0.0):
+        self.mean, self.std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.jitter = jitter   # ((min, max) or None) for brightness, contrast, saturation, hue: torchvision's ColorJitter ranges
+        self.jitter_p, self.gray_p, self.flip_p = jitter_p, gray_p, flip_p
+
+    def params(self, seeds) -> dict:
+        """Per-sample draws, a pure function of each seed: jitter on/off, its four factors and order, grayscale, flip."""
+        u = seeded_uniform(np.asarray(seeds, dtype=np.int64)[:, None], np.arange(11)[None, :])   # [B, 11]
+        ranges = [r if r is not None else ((0.0, 0.0) if k == 3 else (1.0, 1.0)) for k, r in enumerate(self.jitter or [None] * 4)]
+        factor = np.stack([lo + (hi - lo) * u[:, 1 + k] for k, (lo, hi) in enumerate(ranges)], 1)
+        return dict(jitter=u[:, 0] < self.jitter_p if self.jitter else np.zeros(len(u), bool), factor=factor,
+                    order=np.argsort(u[:, 5:9], axis=1), gray=u[:, 9] < self.gray_p, flip=u[:, 10] < self.flip_p)
+
+    def __call__(self, images: torch.Tensor, seeds) -> torch.Tensor:
+        """Normalised float views of uint8 crops [B, 3, H, W] (any device), from per-sample seeds [B] on the host."""
+        P, dev = self.params(seeds), images.device
+        x = images.float().div_(255)
+        take = lambda mask: torch.from_numpy(np.flatnonzero(mask)).to(dev, non_blocking=True)   # host masks: no device read
+        for r in range(4):                                  # each sample's own random order of the four jitters
+            for k, op in enumerate(_JITTER):
+                sel = P["jitter"] & (P["order"][:, r] == k)
+                if self.jitter[k] is None or not sel.any(): continue
+                ii = take(sel)
+                x[ii] = op(x[ii], torch.from_numpy(P["factor"][sel, k]).to(dev, torch.float32, non_blocking=True))
+        if P["gray"].any(): ii = take(P["gray"]); x[ii] = _gray(x[ii]).expand(-1, 3, -1, -1)
+        if P["flip"].any(): ii = take(P["flip"]); x[ii] = x[ii].flip(-1)
+        return (x - self.mean.to(dev).view(1, 3, 1, 1)) / self.std.to(dev).view(1, 3, 1, 1)
+
+def _to_uint8(img) -> torch.Tensor:
+    "A PIL image as a uint8 tensor [3, H, W]."
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+def split_transform(train_transform) -> tuple:
+    """(worker transform: crop to a uint8 tensor, DeviceAugment: the rest) of open_clip's train transform."""
+    from torchvision import transforms as T
+    from open_clip import transform as oct
+    steps = getattr(train_transform, "transforms", None)
+    if steps is None: raise ValueError(f"augment='device' needs open_clip's train transform (a Compose), got {type(train_transform).__name__}: use augment='worker'")
+    worker, kw = [], dict(jitter=None)
+    for t in steps:
+        if isinstance(t, (T.RandomResizedCrop, T.Resize, T.CenterCrop)) and not kw.get("mean"): worker.append(t)
+        elif type(t).__name__ in ("MaybeConvertMode", "_convert_to_rgb") or getattr(t, "__name__", "") == "_convert_to_rgb": pass  # _to_uint8 converts
+        elif isinstance(t, oct.color_jitter):
+            j = t.transf; kw.update(jitter=(j.brightness, j.contrast, j.saturation, j.hue), jitter_p=t.p)
+        elif isinstance(t, oct.gray_scale): kw["gray_p"] = t.p
+        elif isinstance(t, T.RandomGrayscale): kw["gray_p"] = t.p
+        elif isinstance(t, T.RandomHorizontalFlip): kw["flip_p"] = t.p
+        elif isinstance(t, T.ColorJitter): kw.update(jitter=(t.brightness, t.contrast, t.saturation, t.hue), jitter_p=1.0)
+        elif type(t).__name__ in ("MaybeToTensor", "ToTensor"): pass
+        elif isinstance(t, T.Normalize): kw.update(mean=tuple(t.mean), std=tuple(t.std))
+        else: raise ValueError(f"augment='device' cannot move {t!r} of the train transform to the device: use augment='worker'")
+    if "mean" not in kw: raise ValueError("augment='device' found no Normalize in the train transform: use augment='worker'")
+    return T.Compose(worker + [_to_uint8]), DeviceAugment(**kw)
+
+# %% ../nbs/09b_views.ipynb #5efee10f
+def cache_side(image_size: int) -> int:
+    """Shorter side of a cached image: 256 for 224-pixel crops, in proportion for other input sizes."""
+    return -(-256 * int(image_size) // 224)
+
+def crop_size(train_transform, default: int = 224) -> int:
+    """The output size of the train transform's RandomResizedCrop (or `default` without one)."""
+    from torchvision import transforms as T
+    crop = next((t for t in getattr(train_transform, "transforms", []) if isinstance(t, T.RandomResizedCrop)), None)
+    return default if crop is None else int(crop.size[0])
+
+class ImageCache:
+    """Training images decoded once as uint8 [h, w, 3], shorter side at most `side`, in one memory-mapped file keyed by content."""
+    def __init__(self, folder, side: int):
+        self.side, self.folder = int(side), Path(folder)/f"side{int(side)}"
+        self.data, self.index_path, self.lock_path = self.folder/"images.u8", self.folder/"index.json", self.folder/"lock"
+        self.index, self._map = self._read_index(), None
+
+    def _read_index(self) -> dict:
+        return read_json(self.index_path) if self.index_path.is_file() else {}
+
+    def _shrink(self, img) -> np.ndarray:
+        "The image as uint8 RGB, scaled down (bicubic, as the crop) to shorter side `side` when it is larger."
+        from PIL import Image
+        img = img.convert("RGB")
+        w, h = img.size
+        if min(w, h) > self.side:
+            img = img.resize((max(1, round(w * self.side / min(w, h))), max(1, round(h * self.side / min(w, h)))), Image.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)
+
+    def add(self, split, keys: Optional[list] = None) -> list:
+        """The content key of each image of `split` (None: unreadable), its entry written first where missing."""
+        from latteclip_nb.core import file_keys
+        from latteclip_nb.data import load_image
+        keys = list(file_keys(split.root, split.ids) if keys is None else keys)
+        if all(k is None or k in self.index for k in keys): return keys
+        lock = RunLock(self.lock_path, what=f"the image cache {self.folder}", wait=True)   # one writer; ranks and runs wait
+        try:
+            self.index = self._read_index()   # what another process added meanwhile
+            todo = {k: i for i, k in enumerate(keys) if k is not None and k not in self.index}
+            with open(self.data, "ab") as f:
+                for k, i in progress_bar(todo.items(), total=len(todo), desc="caching images", leave=False):
+                    try: a = self._shrink(load_image(split.root/split.ids[i]))
+                    except Exception: keys = [None if x == k else x for x in keys]; continue   # unreadable: as ImageDataset
+                    self.index[k] = [f.tell(), a.shape[0], a.shape[1]]
+                    f.write(a.tobytes())
+            atomic_write_json(self.index_path, self.index, indent=None)   # after the bytes: the index never points past the file
+        finally: lock.release()
+        self._map = None
+        return keys
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        """The cached image of content key `key`, a read-only [h, w, 3] uint8 view of the mapped file."""
+        if self._map is None: self._map = np.memmap(self.data, dtype=np.uint8, mode="r")
+        off, h, w = self.index[key]
+        return self._map[off:off + h * w * 3].reshape(h, w, 3)
+
+    def __getstate__(self): return {**self.__dict__, "_map": None}   # each DataLoader worker maps the file itself

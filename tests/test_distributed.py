@@ -35,6 +35,43 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+def _views_worker(rank, world, init_file, out_dir, root):
+    """One rank's share of a batch of device-augmented views: its shard of the sampler, uint8 crops, DeviceAugment."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_device_views(root, rank, world), f"{out_dir}/views{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _device_views(root, rank=0, world=1, epoch=1):
+    "The device-augmented views and indices of epoch `epoch`'s first batch of 8 (this rank's shard) of the 12-image world."
+    from latteclip_nb.clip import make_train_transform
+    from latteclip_nb.data import Split
+    from latteclip_nb.views import EpochBatches, SeededViews, collate_views, split_transform
+    names = sorted(p.name for p in Path(root).glob("*.png"))
+    split = Split(root=Path(root), ids=names, labels=[0] * len(names), classnames=["a", "b"])
+    worker_tf, augment = split_transform(make_train_transform(24, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    sampler = EpochBatches(len(split), 8, seed=3, rank=rank, world=world); sampler.set_epoch(epoch)
+    crops, idx, seeds = collate_views(SeededViews(split, worker_tf, seed=3, with_seeds=True).__getitems__(next(iter(sampler))))
+    return dict(views=augment(crops, seeds), idx=idx)
+
+
+def test_device_augmentation_same_batch_in_two_processes(tmp_path):
+    """The device half of the augmentation depends on (seed, epoch, sample) only: two gloo ranks' shards are one process's batch."""
+    from PIL import Image
+    rng = torch.Generator().manual_seed(0)
+    (tmp_path / "world").mkdir()
+    for i in range(12):
+        Image.fromarray(torch.randint(0, 256, (30, 40, 3), generator=rng, dtype=torch.uint8).numpy()).save(tmp_path / "world" / f"im{i:02d}.png")
+    mp.spawn(_views_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), str(tmp_path / "world")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"views{r}.pt", weights_only=True) for r in (0, 1))
+    one = _device_views(tmp_path / "world")
+    assert torch.equal(torch.cat([r0["idx"], r1["idx"]]), one["idx"]) and len(r0["idx"]) == 4
+    assert torch.allclose(torch.cat([r0["views"], r1["views"]]), one["views"], atol=1e-6)
+    assert not torch.allclose(_device_views(tmp_path / "world", epoch=2)["views"], one["views"])   # another epoch, other views
+
+
 def test_two_ranks_match_one_process():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(2, f"{d}/pg", d), nprocs=2, join=True)

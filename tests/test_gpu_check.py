@@ -13,7 +13,7 @@ import gpu_check  # noqa: E402
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "x.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LATTECLIP_CACHE": str(tmp_path_factory.mktemp("cache"))}
     p = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -58,6 +58,9 @@ def test_train_section(report):
     # online flyp_pl encodes every class text for its pseudo-labels; latteclip at least one description per image
     assert m["flyp_pl"]["texts_encoded"] >= tr["classes"]
     assert m["latteclip_exact"]["texts_encoded"] >= tr["batch"] and m["latteclip_fast"]["texts_encoded"] >= tr["batch"]
+    # distinct text-tower shapes of a 200-step run: padding can only merge shapes
+    ts = tr["text_shapes"]
+    assert ts["steps"] == 200 and 1 <= ts["padded"] <= ts["unpadded"] and ts["pad"] == [64, 8]
 
 
 def test_loader_section(report):
@@ -77,6 +80,13 @@ def test_loader_section(report):
     assert math.isclose(ld["batch_mib"], 16 * 3 * side * side * 4 / 2**20, rel_tol=1e-2)
     if ld["shm_free_gib"] is not None:
         assert ld["shm_need_gib"] <= 0.8 * ld["shm_free_gib"] and ld["num_workers"] == ld["num_workers_asked"] == 1
+    # the loader with uint8 workers and the augmentation on the device, without and with the image cache
+    for name, cached in (("device_augment", False), ("device_augment_image_cache", True)):
+        d = ld[name]
+        assert d["image_cache"] is cached and d["loader_images_per_s"] > 0 and d["fed_images_per_s"] > 0, name
+        assert math.isclose(d["batch_mib"], 16 * 3 * side * side / 2**20, rel_tol=1e-2)   # uint8: a quarter of the float32 batch
+    d = ld["device_augment_image_cache"]
+    assert d["cache_side"] == -(-256 * side // 224) and d["cache_mib"] > 0   # 32 JPEGs of 160x120, shorter side capped
 
 
 def test_caption_section(report):
@@ -141,7 +151,7 @@ def test_needs_neither_openai_nor_papermill(tmp_path):
     code = ("import sys, runpy; sys.modules['openai'] = None; sys.modules['papermill'] = None; "
             f"sys.argv = ['gpu_check.py', '--tiny', '--sections', 'train,loader', '--reps', '1', '--out', {str(out)!r}]; "
             f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LATTECLIP_CACHE": str(tmp_path / "cache")}
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -215,7 +225,7 @@ def _carried(tmp_path) -> Path:
 def test_simulated_gpu_machine_runs_every_section(tmp_path):
     carried = _carried(tmp_path)
     out = tmp_path / "box.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LATTECLIP_CACHE": str(tmp_path / "cache")}
     p = subprocess.run([sys.executable, "-c", _ONLY_CARRIED, str(carried), str(SCRIPT), "--tiny", "--reps", "1",
                         "--carried", str(carried), "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)

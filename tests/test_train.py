@@ -64,11 +64,13 @@ CONFIGS = {
                                               text_grad="fast", momentum=0.5, ckpt_every=2),
     "flyp_pl-online": dict(method="flyp_pl", pseudo="online"),
     "oracle-max_steps": dict(method="oracle", max_steps=5),
+    "latteclip-device-augment-image-cache": dict(method="latteclip", augment="device", image_cache=True, num_workers=1),
 }
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_resume_equals_uninterrupted(tmp_path, name):
+def test_resume_equals_uninterrupted(tmp_path, name, monkeypatch):
+    monkeypatch.setenv("LATTECLIP_CACHE", str(tmp_path / "cache"))   # the file-hash memo and the image cache
     cfg = TrainConfig(epochs=3, warmup_steps=2, lr=1e-4, batch_size=8, log_every=1, model_name="latte-tiny", **CONFIGS[name])
     full = run(tmp_path / "full", cfg, tmp_path / "world")
     # interrupted twice: mid-epoch (step 2 of 3) and at an epoch boundary (step 3 -> resumes into epoch 2 at once)
