@@ -53,8 +53,11 @@ from PIL import Image
 
 SCHEMA = 1
 SHARES = {"startup": 15, "train": 75, "loader": 60, "caption": 300}   # relative shares of --budget-s, cumulative
-TARGETS = {"latteclip_exact_images_per_s": (">=", 5000), "latteclip_exact_ratio_to_flyp_pl": ("<=", 1.45),
-           "loader_images_per_s": (">=", 3000),
+TARGETS = {"latteclip_exact_images_per_s": (">=", 5000), "latteclip_exact_ratio_to_flyp_pl": ("<=", 1.3),
+           "latteclip_fast_ratio_to_flyp_pl": ("<=", 1.15),
+           # the loader with uint8 workers and the augmentation on the device, without and with the image cache
+           "loader_device_augment_images_per_s": (">=", 4000), "loader_image_cache_images_per_s": (">=", 10000),
+           "exact_step_fed_images_per_s": (">=", 3000),
            # captions: the default (NF4, single view, auto batch, auto decoding) and bf16 as users get them
            "captions_per_s_default_nf4": (">=", 15), "captions_per_s_single_bf16": (">=", 45),
            "decode_ms_per_token_bf16_b64": ("<=", 15), "food101_h_default": ("<=", 3), "food101_h_bf16": ("<=", 1)}
@@ -663,12 +666,16 @@ def caption_row(res, precision, batch=None, rule=None, fast=True):
 
 
 def targets(res, applies: bool) -> dict:
-    m = res.get("train", {}).get("methods", {})
+    m, ld = res.get("train", {}).get("methods", {}), res.get("loader", {})
     get = lambda row, k, scale=1: None if row is None or row.get(k) is None else round(row[k] * scale, 3)
     default, bf16 = caption_row(res, "nf4", rule="auto"), caption_row(res, "bf16", rule="auto")
     measured = {"latteclip_exact_images_per_s": m.get("latteclip_exact", {}).get("images_per_s"),
                 "latteclip_exact_ratio_to_flyp_pl": m.get("latteclip_exact", {}).get("ratio_to_flyp_pl"),
-                "loader_images_per_s": res.get("loader", {}).get("loader_images_per_s"),
+                "latteclip_fast_ratio_to_flyp_pl": m.get("latteclip_fast", {}).get("ratio_to_flyp_pl"),
+                "loader_device_augment_images_per_s": ld.get("device_augment", {}).get("loader_images_per_s"),
+                "loader_image_cache_images_per_s": ld.get("device_augment_image_cache", {}).get("loader_images_per_s"),
+                "exact_step_fed_images_per_s": max((ld.get(k, {}).get("fed_images_per_s") or 0 for k in
+                                                    ("device_augment", "device_augment_image_cache")), default=0) or None,
                 "captions_per_s_default_nf4": get(default, "captions_per_s"), "captions_per_s_single_bf16": get(bf16, "captions_per_s"),
                 "decode_ms_per_token_bf16_b64": get(caption_row(res, "bf16", batch=64), "decode_s_per_token", 1000),
                 "food101_h_default": get(default, "projected_food101_h"), "food101_h_bf16": get(bf16, "projected_food101_h")}
