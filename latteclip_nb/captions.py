@@ -230,9 +230,11 @@ def caption_parser() -> argparse.ArgumentParser:
     a.add_argument("--n-correct", type=int, default=None, help="Table 4: members of the true class (ground-truth groups)")
     a.add_argument("--seed", type=int, default=0, help="group sampling seed")
     a = p.add_argument_group("captioner")
-    a.add_argument("--captioner", choices=("auto", "llava", "openai", "tiny", "simulated"), default="auto",
-                   help="auto: simulated for shapes, openai when --server-url is given, else llava")
-    a.add_argument("--captioner-model", help="LLaVA checkpoint, served model name, or tiny-model folder")
+    a.add_argument("--captioner", choices=("auto", "llava", "hf", "openai", "tiny", "simulated"), default="auto",
+                   help="auto: simulated for shapes, openai when --server-url is given, else llava; hf: any image-text-to-text model")
+    a.add_argument("--captioner-model", help="LLaVA checkpoint, hf model (hub id or folder), served model name, or tiny-model folder")
+    a.add_argument("--captioner-max-pixels", type=int, default=None,
+                   help="hf: images scaled down to at most this many pixels (default 448x448; 0: as they are)")
     a.add_argument("--server-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     a.add_argument("--bos", choices=("request", "server"), default="request",
                    help="served <s>: request it (vLLM, SGLang) or let the server add it (transformers serve)")
@@ -312,7 +314,7 @@ def _cached_c_zs(spec, split, args, k: int = 5):
     rows = [pos.get(c) for c in file_keys(split.root, split.ids)]
     return None if any(r is None for r in rows) else t["c_zs"][torch.tensor(rows)]
 
-def build_captioner(backend: str = "auto",   # auto | llava | openai | tiny | simulated
+def build_captioner(backend: str = "auto",   # auto | llava | hf | openai | tiny | simulated
                     spec=None,                # the dataset (auto and simulated look at it)
                     model: str = "",          # LLaVA checkpoint or folder, or the served model name
                     server_url: str = "",     # OpenAI-compatible base URL
@@ -324,7 +326,8 @@ def build_captioner(backend: str = "auto",   # auto | llava | openai | tiny | si
                     concurrency: int = 64,     # served: requests in flight
                     bos: str = "request",     # served <s>: "request" it (vLLM, SGLang) or the "server" adds it (transformers serve)
                     precision: str = "auto",  # LLaVA: auto (nf4 on CUDA) | nf4 | bf16 | fp16 | fp32
-                    decoding: str = "auto"):  # LLaVA: auto | compiled | static | eager
+                    decoding: str = "auto",   # LLaVA, hf: auto | compiled | static | eager
+                    max_pixels: int | None = None):  # hf: images scaled down to at most this many pixels (None: its default; 0: as they are)
     """The captioner for a backend name; `auto` = simulated for the shapes world, a server if a URL is given, else LLaVA."""
     if backend == "auto":
         backend = "simulated" if getattr(spec, "kind", None) == "shapes" else ("openai" if server_url else "llava")
@@ -346,10 +349,16 @@ def build_captioner(backend: str = "auto",   # auto | llava | openai | tiny | si
         if not (path/"config.json").exists(): captioners.build_tiny_llava(path)
         return captioners.LlavaCaptioner(str(path), single_view=single_view, device=device, batch_size=batch_size,
                                          quantize=precision, decoding=decoding)
+    if backend == "hf":
+        if not model:
+            raise ValueError("--captioner hf needs --captioner-model: a hub id such as Qwen/Qwen2.5-VL-3B-Instruct, or a model folder")
+        from latteclip_nb.hf_captioner import HF_MAX_PIXELS, HFCaptioner
+        return HFCaptioner(model, precision=precision, device=device, batch_size=batch_size, decoding=decoding,
+                           max_pixels=HF_MAX_PIXELS if max_pixels is None else max_pixels)
     if backend == "llava":
         return captioners.LlavaCaptioner(model or captioners.LLAVA_MODEL, single_view=single_view, device=device, batch_size=batch_size,
                                          quantize=precision, decoding=decoding)
-    raise ValueError(f"unknown captioner backend {backend!r}: choose auto, llava, openai, tiny or simulated")
+    raise ValueError(f"unknown captioner backend {backend!r}: choose auto, llava, hf, openai, tiny or simulated")
 
 # %% ../nbs/05c_captions.ipynb #b207c2a4
 def call_plan(work: Work, n_classes: int, groups_per_class: int | None = None) -> dict:
@@ -428,7 +437,8 @@ def main(argv=None) -> int:
         captioner = build_captioner(args.captioner, spec, model=args.captioner_model, server_url=args.server_url,
                                     single_view=not args.anyres, batch_size=args.batch_size, device=args.device,
                                     seed=args.seed, api_key=args.api_key, concurrency=args.concurrency, bos=args.bos,
-                                    precision=args.captioner_precision, decoding=args.caption_decoding)
+                                    precision=args.captioner_precision, decoding=args.caption_decoding,
+                                    max_pixels=args.captioner_max_pixels)
         texts = describe_dataset(spec, split, c_zs, captioner, out, kinds=args.kind, batch_size=args.batch_size,
                                  shard=args.shard, num_shards=args.num_shards, seed=args.seed,
                                  images_per_group=args.images_per_group, groups_per_class=args.groups_per_class,

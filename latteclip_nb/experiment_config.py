@@ -17,7 +17,7 @@ from .core import check_device
 import hashlib, tempfile
 
 METHODS = ("zeroshot", "latteclip", "flyp_pl", "oracle", "llava_zs", "reclip")
-CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "openai", "tiny", "simulated"), bos=("request", "server"), group_sampling=("class", "own"),
+CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto", "llava", "hf", "openai", "tiny", "simulated"), bos=("request", "server"), group_sampling=("class", "own"),
                captioner_precision=("auto", "nf4", "bf16", "fp16", "fp32"), caption_decoding=("auto", "compiled", "static", "eager"),
                text_grad=("exact", "fast"), pseudo=("online", "fixed"),
                ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), precision=("auto", "fp32", "bf16", "fp16"),
@@ -45,7 +45,7 @@ class ExperimentConfig:
     captions_dir: str = ""           # caption store shared by all runs ("" -> <cache>/captions)
     model: str = ""                  # OpenCLIP architecture, --clip-model ("" -> ViT-B-32; shapes: latte-shapes; or local-dir:FOLDER)
     pretrained: str = ""             # tag, file or "none" ("" -> laion2b_s34b_b79k; shapes and latte-shapes: shipped weights, or rare-names)
-    captioner: str = "auto"          # auto | llava | openai | tiny | simulated
+    captioner: str = "auto"          # auto | llava | hf (any image-text-to-text model of transformers) | openai | tiny | simulated
     captioner_model: str = ""        # LMM id or folder ("" -> llava-hf/llava-v1.6-mistral-7b-hf)
     server_url: str = ""             # OpenAI-compatible server for captioner=openai
     bos: str = "request"             # captioner=openai: request <s> (vLLM, SGLang) | server (transformers serve adds it itself)
@@ -53,6 +53,7 @@ class ExperimentConfig:
     captioner_precision: str = "auto"  # LLaVA: auto (nf4 on CUDA, the paper's setting) | nf4 | bf16 (fast, ~15 GB) | fp16 | fp32
     caption_decoding: str = "auto"   # LLaVA: auto (static KV cache + compiled decode step on a capable CUDA GPU, else eager) | compiled | static | eager
     caption_concurrency: int = 64    # captioner=openai: requests in flight (the server schedules them)
+    captioner_max_pixels: int = -1   # captioner=hf: images scaled down to at most this many pixels (-1: 448x448; 0: as they are)
     single_view: bool = True         # LLaVA sees one 336x336 view (the reference setting)
     seed: int = 0                    # seed of training, groups and the data fraction
     epochs: int = 0                  # 0 -> the dataset's epochs
@@ -107,7 +108,7 @@ class ExperimentConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed: raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         for name, low in dict(lr=0, epochs=0, max_steps=0, batch_size=0, warmup_steps=-1, ckpt_every=0, world_seed=0, groups_per_class=0, released_workers=-1,
-                              num_workers=-1, images_per_group=1, caption_batch_size=0, caption_concurrency=1, eval_batch_size=1, group_gt_correct=-1).items():
+                              num_workers=-1, images_per_group=1, caption_batch_size=0, caption_concurrency=1, captioner_max_pixels=-1, eval_batch_size=1, group_gt_correct=-1).items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}" + (" (0 takes the dataset's value)" if low == 0 and name in ("lr", "epochs", "batch_size") else ""))
         if self.weight_decay < 0 and self.weight_decay != -1: raise ValueError(f"weight_decay={self.weight_decay} must be >= 0 (or -1 for the dataset's)")
@@ -158,6 +159,8 @@ class ExperimentConfig:
         check_report_to(self.report_to)   # a tracker that is not installed stops here, not after training
         if self.captioner == "openai" and not self.server_url:
             raise ValueError("captioner='openai' needs server_url (e.g. http://localhost:8000/v1)")
+        if self.captioner == "hf" and not self.captioner_model:
+            raise ValueError("captioner='hf' needs captioner_model: a hub id such as Qwen/Qwen2.5-VL-3B-Instruct, or a model folder")
         return self
 
     def run_name(self) -> str:
@@ -261,4 +264,5 @@ def make_captioner(cfg: ExperimentConfig, spec, device=None):
     from latteclip_nb.captions import build_captioner
     return build_captioner(cfg.captioner, spec, model=cfg.captioner_model, server_url=cfg.server_url,
                            single_view=cfg.single_view, batch_size=cfg.caption_batch_size or None, device=device, bos=cfg.bos,
-                           concurrency=cfg.caption_concurrency, precision=cfg.captioner_precision, decoding=cfg.caption_decoding)
+                           concurrency=cfg.caption_concurrency, precision=cfg.captioner_precision, decoding=cfg.caption_decoding,
+                           max_pixels=None if cfg.captioner_max_pixels < 0 else cfg.captioner_max_pixels)
