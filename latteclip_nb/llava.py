@@ -328,7 +328,7 @@ def compile_support(model) -> str:
     try: import triton  # noqa: F401
     except ImportError: return "triton is not installed"
     q = getattr(model, "hf_quantizer", None)
-    if q is not None and not q.is_compileable: return f"{type(q).__name__} does not compile with this bitsandbytes"
+    if q is not None and not q.is_compileable: return f"transformers does not compile {type(q).__name__} models"
     return ""
 
 def decoding_path(decoding: str, model) -> tuple[str, str]:
