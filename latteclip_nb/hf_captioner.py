@@ -6,11 +6,12 @@
 __all__ = ['HF_MAX_PIXELS', 'NF4_KEEP', 'bound_pixels', 'hf_precision', 'load_image_text_model', 'HFCaptioner']
 
 # %% ../nbs/05ab_hf_captioner.ipynb #c31193e5
+import inspect
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, ProcessorMixin
 
 from .core import get_device
 from .llava import InProcessCaptioner, _device_map, checkpoint_ref, llava_precision
@@ -26,6 +27,9 @@ def bound_pixels(image: Image.Image, max_pixels: int = HF_MAX_PIXELS) -> Image.I
     return image.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
 
 # %% ../nbs/05ab_hf_captioner.ipynb #3396fa90
+# transformers 5.2x takes the processor's own arguments (padding) as processor_kwargs; earlier 5.x took them loose
+_TAKES_PROCESSOR_KWARGS = "processor_kwargs" in inspect.signature(ProcessorMixin.apply_chat_template).parameters
+
 NF4_KEEP = ["lm_head", "model.visual", "model.vision_model", "model.vision_tower", "model.multi_modal_projector"]  # not quantised
 
 def hf_precision(precision: str = "auto", device=None) -> tuple[str, torch.dtype, BitsAndBytesConfig | None]:
@@ -89,6 +93,7 @@ class HFCaptioner(InProcessCaptioner):
         """One user turn per request (the bounded image, then the prompt), rendered and tokenized by the processor's template."""
         turns = [[{"role": "user", "content": [{"type": "image", "image": bound_pixels(im, self.max_pixels)},
                                                 {"type": "text", "text": p}]}] for im, p in zip(images, prompts)]
+        pad = {"processor_kwargs": {"padding": True}} if _TAKES_PROCESSOR_KWARGS else {"padding": True}
         enc = self.processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                                 return_tensors="pt", padding=True)
+                                                 return_tensors="pt", **pad)
         return enc.to(self.model.device, dtype=self.model.dtype)
