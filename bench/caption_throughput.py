@@ -74,6 +74,50 @@ def build_random_llava_7b(folder: Path, device, text_layers=32, vision_layers=24
     return folder
 
 
+QWEN25VL_3B_VOCAB = 151936   # Qwen/Qwen2.5-VL-3B-Instruct's embedding rows (tied with the output layer)
+QWEN25VL_3B_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                        num_key_value_heads=2, vocab_size=QWEN25VL_3B_VOCAB, tie_word_embeddings=True,
+                        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+QWEN25VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                          fullatt_block_indexes=[7, 15, 23, 31])
+
+
+def build_random_qwen25vl_3b(folder: Path, device, text_layers=36, vision_layers=32) -> Path:
+    """Save a random-weight Qwen2.5-VL-3B-Instruct (bf16 on GPU, fp32 on CPU; the real 151936-row vocabulary), once.
+
+    Tokenizer, processor and chat template come from the tiny Qwen2.5-VL of tests/tiny_vlms.py (the real processor's
+    pixel bounds); tokens the small tokenizer does not have are never generated (`suppress_tokens`)."""
+    import json, shutil, sys
+    from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    if (folder / "config.json").exists() and (folder / "chat_template.json").exists(): return folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_vlms import build_tiny_qwen25vl
+    tiny = build_tiny_qwen25vl(folder.parent / f".{folder.name}-tokenizer", max_pixels=12845056)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    for f in tiny.iterdir():
+        if f.name not in ("config.json", "model.safetensors", "generation_config.json", "README.md"): shutil.copy(f, tmp / f.name)
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg.update(QWEN25VL_3B_TEXT, num_hidden_layers=text_layers, torch_dtype="bfloat16")
+    cfg["vision_config"].update(QWEN25VL_3B_VISION, depth=vision_layers,
+                                fullatt_block_indexes=[i for i in QWEN25VL_3B_VISION["fullatt_block_indexes"] if i < vision_layers])
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = json.loads((tiny / "generation_config.json").read_text())
+    n_tokens = max(int(k) for k in json.loads((tiny / "tokenizer_config.json").read_text())["added_tokens_decoder"]) + 1
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(tmp), dtype=dtype)
+    model.generation_config = GenerationConfig(**{k: v for k, v in gen.items() if k != "transformers_version"},
+                                               suppress_tokens=list(range(n_tokens, QWEN25VL_3B_VOCAB)))
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    os.replace(tmp, folder)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"built {n / 1e9:.2f} B random parameters in {time.perf_counter() - t0:.0f} s -> {folder}", flush=True)
+    del model
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+    return folder
+
+
 def synthetic_images(n: int, size=(500, 375), seed=0) -> list:
     """`n` noise photos of a typical dataset size (the pixels do not change the cost)."""
     rng = np.random.default_rng(seed)

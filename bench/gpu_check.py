@@ -552,7 +552,7 @@ def caption_section(args, budget, device, res, state):
             runs.append((end - t, (ts[0] if ts else end) - t, [y - x for x, y in zip(ts, ts[1:])]))
         return runs, answers
 
-    def measure(cap, precision, view, kind, B, decoding, rule, tokens, warmed, answers_by, load_s, load_peak_gib):
+    def measure(cap, precision, view, kind, B, decoding, rule, tokens, warmed, answers_by, load_s, load_peak_gib, model):
         """One caption setting: a warm-up batch where this (decoding, batch) is new, then the timed batches; a row."""
         images, prompt = inputs[kind]
         n_image_tokens, prompt_tokens = tokens[kind]
@@ -573,10 +573,10 @@ def caption_section(args, budget, device, res, state):
         steps = [x for r in runs for x in r[2]]   # every later token of every timed batch: one sample each
         decode = statistics.median(steps) if steps else 0.0
         q = statistics.quantiles(steps, n=10) if len(steps) >= 2 else [decode] * 9
-        key = (precision, view, kind, B)
+        key = (precision, view, kind, B)   # views are per model: single/anyres (LLaVA), hf-448px (the other describer)
         other = answers_by.get(key)   # the same images at the same batch under the other decoding path
         answers_by[key] = answers
-        row = dict(precision=cap.precision, view=view, image=kind, batch=B, batch_rule=rule, decoding=decoding,
+        row = dict(model=model, precision=cap.precision, view=view, image=kind, batch=B, batch_rule=rule, decoding=decoding,
                    batches=n_batches, image_tokens=n_image_tokens, prompt_tokens=prompt_tokens, answer_tokens=N,
                    median_batch_s=round(t_full, 4), captions_per_s=round(B / t_full, 3),
                    prefill_s=round(t_first, 4), decode_s_per_token=round(decode, 5),
@@ -585,61 +585,88 @@ def caption_section(args, budget, device, res, state):
                    prefill_share=round(t_first / t_full, 3), warmup_s=None if warm is None else round(warm, 3),
                    answers_differ=None if other is None else sum(a != b for a, b in zip(answers, other)),
                    mean_words=round(statistics.mean(len(a.split()) for a in answers), 1),
-                   projected_food101_h=round(FOOD101_CALLS / (B / t_full) / 3600, 2) if view == "single" else None,
+                   projected_food101_h=round(FOOD101_CALLS / (B / t_full) / 3600, 2) if view != "anyres" else None,
                    load_s=round(load_s, 1), load_peak_gib=load_peak_gib, peak_mem_gib=peak_gib(device))
         out["runs"].append(row)
         if "save" in state: state["save"]()   # every caption setting is on disk as soon as it is measured
         per_caption[key] = (t_full, t_first, n_image_tokens)
         differ = "" if row["answers_differ"] is None else f", {row['answers_differ']}/{len(answers)} answers differ"
-        print(f"  caption {precision:4s} {view:6s} {kind:7s} batch {B:3d} ({rule:5s}) {decoding:8s}: "
+        print(f"  caption {model:13s} {precision:4s} {view:8s} {kind:7s} batch {B:3d} ({rule:5s}) {decoding:8s}: "
               f"{row['captions_per_s']:8.2f} captions/s (first token {t_first:.3f} s, decode {1000 * decode:.2f} ms/token "
               f"over {len(steps)} tokens{differ})", flush=True)
         return row
 
-    for precision in precisions:
-        for view in ("single", "anyres"):
-            kinds = ["photo"] if view == "single" else ["photo", "collage"]
-            if not budget.fits(f"caption: loading {precision} {view}", load_est * (2 if precision == "nf4" else 1) + 5): continue
-            reset_peak(device)
-            t0 = time.perf_counter()
-            try:   # batch size and decoding path as a user gets them: the automatic choices
+    # the single view first (the paper's setting: NF4, then bf16), then another describer of ~3B (Qwen2.5-VL-3B in
+    # bf16, images bounded to 448x448 pixels), then anyres (not the paper's setting) if the budget still allows it
+    settings = [("llava", p, "single") for p in precisions] + [("qwen2.5-vl-3b", "bf16" if device.type == "cuda" else "fp32", "hf-448px")]
+    settings += [("llava", p, "anyres") for p in precisions]
+    nf4_failed = False
+    for model, precision, view in settings:
+        if precision == "nf4" and nf4_failed: continue
+        kinds = ["photo", "collage"] if view == "anyres" else ["photo"]
+        if not budget.fits(f"caption: loading {model} {precision} {view}", load_est * (2 if precision == "nf4" else 1) + 5): continue
+        reset_peak(device)
+        t0 = time.perf_counter()
+        try:   # batch size and decoding path as a user gets them: the automatic choices
+            if model == "llava":
                 cap = captioners.LlavaCaptioner(str(folder), single_view=view == "single", quantize=precision, device=device,
                                                 max_new_tokens=N, generate_kwargs={"min_new_tokens": N})
-            except Exception as e:
-                if precision != "nf4": raise
-                line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                budget.skip("caption: NF4", f"bitsandbytes cannot load the model ({type(e).__name__}: {line})")
-                break   # the other view would fail the same way
-            load_s = time.perf_counter() - t0
-            load_est = load_s if precision != "nf4" else load_est
-            load_peak_gib = peak_gib(device)
-            auto_B, auto_path = cap.batch_size, cap.decoding
-            why_not = compile_support(cap.model)
-            fast = "compiled" if not why_not else "static"   # where compile is unavailable (a CPU), the static cache alone
-            out.setdefault("auto", {})[f"{precision} {view}"] = dict(batch=auto_B, decoding=auto_path,
-                                                                     compile_unavailable=why_not or None)
-            cfg = cap.model.config
+            else:
+                cap = hf_captioner(args, work, device, precision, N, out)
+        except Exception as e:
+            if precision != "nf4": raise
+            line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            budget.skip("caption: NF4", f"bitsandbytes cannot load the model ({type(e).__name__}: {line})")
+            nf4_failed = True   # the other view would fail the same way
+            continue
+        load_s = time.perf_counter() - t0
+        load_est = load_s if precision != "nf4" else load_est
+        load_peak_gib = peak_gib(device)
+        auto_B, auto_path = cap.batch_size, cap.decoding
+        why_not = compile_support(cap.model)
+        fast = "compiled" if not why_not else "static"   # where compile is unavailable (a CPU), the static cache alone
+        out.setdefault("auto", {})[f"{precision} {view}" if model == "llava" else f"{model} {precision}"] = dict(
+            batch=auto_B, decoding=auto_path, compile_unavailable=why_not or None)
+        cfg = cap.model.config
+        if model == "llava":
             out.setdefault("vocab_size", cfg.text_config.vocab_size)
             if not args.tiny: assert cfg.text_config.vocab_size == 32064, f"vocabulary {cfg.text_config.vocab_size}, not 32064"
-            image_token = getattr(cfg, "image_token_id", None) or cfg.image_token_index
-            tokens = {}
-            for kind in kinds:   # image tokens per item and prompt length, from the captioner's own processor
-                images, prompt = inputs[kind]
-                enc = cap.processor(images=[images[0].convert("RGB")], text=[llava_chat(prompt)], return_tensors="pt")
-                tokens[kind] = (int((enc["input_ids"] == image_token).sum()), int(enc["input_ids"].shape[1]))
-            warmed, answers_by = set(), {}
-            common = (tokens, warmed, answers_by, load_s, load_peak_gib)
-            if view == "single":   # what a user gets (auto batch), fast path against eager; then the fixed batches
-                plan = [("photo", auto_B, d, "auto") for d in (fast, "eager")]
-                plan += [("photo", B, d, "fixed") for B in sorted(args.caption_batches, reverse=True) if B != auto_B
-                         for d in (fast, "eager")]
-            else:                  # anyres: eager at the fixed batches, as measured before (not the paper's setting)
-                plan = [(kind, B, "eager", "fixed") for B in sorted(args.caption_batches, reverse=True) for kind in kinds]
-            for kind, B, decoding, rule in plan:
-                measure(cap, precision, view, kind, B, decoding, rule, *common)
-            del cap
-            gc.collect()
-            if device.type == "cuda": torch.cuda.empty_cache()
+        image_token = getattr(cfg, "image_token_id", None) or cfg.image_token_index
+        tokens = {}
+        for kind in kinds:   # image tokens per item and prompt length, from the captioner's own requests
+            images, prompt = inputs[kind]
+            enc = cap.inputs([images[0].convert("RGB")], [prompt])
+            tokens[kind] = (int((enc["input_ids"] == image_token).sum()), int(enc["input_ids"].shape[1]))
+        warmed, answers_by = set(), {}
+        common = (tokens, warmed, answers_by, load_s, load_peak_gib, model)
+        if view != "anyres":   # what a user gets (auto batch), fast path against eager; LLaVA also at the fixed batches
+            plan = [("photo", auto_B, d, "auto") for d in (fast, "eager")]
+            plan += [("photo", B, d, "fixed") for B in sorted(args.caption_batches, reverse=True)
+                     if B != auto_B and model == "llava" for d in (fast, "eager")]
+        else:                  # anyres: eager at the fixed batches, as measured before (not the paper's setting)
+            plan = [(kind, B, "eager", "fixed") for B in sorted(args.caption_batches, reverse=True) for kind in kinds]
+        for kind, B, decoding, rule in plan:
+            measure(cap, precision, view, kind, B, decoding, rule, *common)
+        del cap
+        gc.collect()
+        if device.type == "cuda": torch.cuda.empty_cache()
+
+
+def hf_captioner(args, work, device, precision, N, out):
+    """`HFCaptioner` on Qwen2.5-VL-3B-Instruct's architecture with random weights (--tiny: the tiny Qwen2.5-VL of the tests)."""
+    from latteclip_nb.hf_captioner import HFCaptioner
+    t0 = time.perf_counter()
+    if args.tiny:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_vlms import build_tiny_qwen25vl
+        folder = build_tiny_qwen25vl(work / "qwen2.5-vl-tiny", max_pixels=12845056)
+        out["hf_model"] = "tiny Qwen2.5-VL (tests/tiny_vlms.py)"
+    else:
+        from caption_throughput import build_random_qwen25vl_3b
+        folder = build_random_qwen25vl_3b(work / "qwen2.5-vl-3b-random", device)
+        out["hf_model"] = "Qwen2.5-VL-3B-Instruct architecture, random weights (36 Qwen2.5 layers, 32 vision blocks)"
+    out["hf_build_and_save_s"] = round(time.perf_counter() - t0, 1)
+    return HFCaptioner(str(folder), precision=precision, device=device, max_new_tokens=N, generate_kwargs={"min_new_tokens": N})
 
 
 def _caption_estimate(per_caption, precision, view, kind, B, image_tokens, n_batches, warmed=True):
@@ -723,10 +750,10 @@ def print_table(res):
     if cp:
         print(f"\ncaptions ({res['caption']['model']}, {res['caption']['answer_tokens']} tokens per answer; "
               f"auto: {res['caption'].get('auto')}):")
-        print(f"  {'prec':5s} {'view':7s} {'image':8s} {'batch':>5s} {'rule':5s} {'decoding':9s} {'captions/s':>10s} "
+        print(f"  {'model':13s} {'prec':5s} {'view':8s} {'image':8s} {'batch':>5s} {'rule':5s} {'decoding':9s} {'captions/s':>10s} "
               f"{'prefill s':>9s} {'ms/token':>9s} {'img tok':>7s} {'peak GiB':>9s} {'differ':>6s} {'Food101 h':>9s}")
         for r in cp:
-            print(f"  {r['precision']:5s} {r['view']:7s} {r['image']:8s} {r['batch']:5d} {r['batch_rule']:5s} {r['decoding']:9s} "
+            print(f"  {r.get('model', 'llava'):13s} {r['precision']:5s} {r['view']:8s} {r['image']:8s} {r['batch']:5d} {r['batch_rule']:5s} {r['decoding']:9s} "
                   f"{r['captions_per_s']:10.2f} {r['prefill_s']:9.3f} {1000 * r['decode_s_per_token']:9.2f} {r['image_tokens']:7d} "
                   f"{r['peak_mem_gib'] if r['peak_mem_gib'] is not None else '-':>9} "
                   f"{r['answers_differ'] if r['answers_differ'] is not None else '-':>6} "

@@ -100,12 +100,15 @@ def test_caption_section(report):
     # CPU the static cache alone: compile needs CUDA) and eagerly; anyres eagerly at the fixed batches
     assert cap["auto"]["fp32 single"] == dict(batch=8, decoding="eager", compile_unavailable="no CUDA device (cpu)")
     assert set(rows) == ({("single", "photo", b, d) for b in (8, 2, 1) for d in ("static", "eager")}
-                         | {("anyres", k, b, "eager") for k in ("photo", "collage") for b in (2, 1)})
+                         | {("anyres", k, b, "eager") for k in ("photo", "collage") for b in (2, 1)}
+                         | {("hf-448px", "photo", 8, d) for d in ("static", "eager")})   # the other describer: its auto batch
+    assert {r["model"] for r in cap["runs"] if r["view"] == "hf-448px"} == {"qwen2.5-vl-3b"} and "Qwen2.5-VL" in cap["hf_model"]
+    assert cap["auto"]["qwen2.5-vl-3b fp32"]["batch"] == 8
     assert {r["batch_rule"] for r in cap["runs"] if r["batch"] == 8} == {"auto"}
     for (view, kind, b, d), r in rows.items():
         # the eager row follows the fast one on the same images: how many answers differ (here none: same arithmetic)
-        assert r["answers_differ"] == (0 if (view, d) == ("single", "eager") else None)
-        assert r["projected_food101_h"] == (round(141_400 / r["captions_per_s"] / 3600, 2) if view == "single" else None)
+        assert r["answers_differ"] == (0 if view != "anyres" and d == "eager" else None)
+        assert r["projected_food101_h"] == (round(141_400 / r["captions_per_s"] / 3600, 2) if view != "anyres" else None)
     for r in rows.values():
         assert r["precision"] == "fp32" and r["peak_mem_gib"] is None
         assert math.isclose(r["captions_per_s"], r["batch"] / r["median_batch_s"], rel_tol=2e-3)
@@ -236,4 +239,4 @@ def test_simulated_gpu_machine_runs_every_section(tmp_path):
     assert res["environment"]["carried"] == ["bitsandbytes", "ftfy", "open_clip", "wcwidth"]
     assert res["environment"]["bitsandbytes"] and res["environment"]["open_clip"]
     assert res["train"]["methods"]["latteclip_exact"]["images_per_s"] > 0 and res["loader"]["fed_images_per_s"] > 0
-    assert len(res["caption"]["runs"]) == 10 and any("NF4" in s["what"] for s in res["skipped"])
+    assert len(res["caption"]["runs"]) == 12 and any("NF4" in s["what"] for s in res["skipped"])
