@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT/"scripts"/"reproduce.py"
-BLOCKS = ("shapes-results", "shapes-ablations", "premise", "descriptions-map")
+BLOCKS = ("shapes-results", "shapes-ablations", "shapes-groups", "premise", "descriptions-map")
 
 
 def _reproduce(args, tmp_path):
@@ -23,7 +23,7 @@ def _block(name: str) -> str:
 @pytest.mark.parametrize("name", BLOCKS)
 def test_block_names_command_commit_and_runs(name):
     body = _block(name)
-    m = re.search(r"Written by `(papermill nbs/\d\d_\w+\.ipynb \w+\.ipynb)` from runs made at commit `([0-9a-f]{10})`", body)
+    m = re.search(r"Written by `(papermill nbs/\d\d_\w+\.ipynb \w+\.ipynb(?: -p \w+ \S+)*)` from runs made at commit `([0-9a-f]{10})`", body)
     assert m, f"{name}: the block does not name the command and the commit that made it"
     assert (ROOT/m.group(1).split()[1]).is_file()
     path = ROOT/"docs"/"results"/f"{name}.csv"
