@@ -43,7 +43,7 @@ outputs: $(STAMP)
 docs: $(STAMP)
 	@command -v quarto >/dev/null || $(BIN)/pip install --quiet quarto-cli >/dev/null 2>&1 || true
 	@if command -v quarto >/dev/null || [ -x $(BIN)/quarto ]; then PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_docs; \
-	 else echo "make docs needs Quarto: install it from https://quarto.org/docs/get-started/ (or pip install quarto-cli where GitHub is reachable), then run make docs again"; fi
+	 else echo "make docs needs Quarto: install it from https://quarto.org/docs/get-started/ (or pip install quarto-cli where GitHub is reachable), then run make docs again"; exit 1; fi
 
 # rerun the recorded run of every generated README block (BLOCKS="shapes-results premise" for some) and fail when
 # its top-1 moved by more than half a point

@@ -49,7 +49,7 @@ def sweep(grid: list, out_root, jobs: int = 1, threads: int = 0, notebook=None) 
     if failed: raise RuntimeError(f"{len(failed)} of {len(todo)} runs failed; the first: {failed[0]}")
     return dirs
 
-def collect(out_root) -> "pd.DataFrame":
+def collect(out_root):  # -> pandas.DataFrame (pandas is imported where used)
     """One row per metrics.json under `out_root`: method, dataset, run, top-1, the matching paper row and every config field."""
     import pandas as pd
     rows = []
@@ -70,7 +70,7 @@ def command_of(config: dict) -> str:
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     return shlex.join(train_command({k: v for k, v in config.items() if k in known}))
 
-def summarize(df, by=("method", "dataset")) -> "pd.DataFrame":
+def summarize(df, by=("method", "dataset")):  # -> pandas.DataFrame
     """Mean, std and count of top-1 over seeds for each group, with the paper's number and the delta to it."""
     g = df.groupby(list(by))
     out = g["top1"].agg(["mean", "std", "count"]).rename(columns={"count": "seeds"})
@@ -104,7 +104,7 @@ def result_table(m: dict) -> str:
     return "\n".join([head] + [f"  {name:<{w}}  top-1 {_num(v):>6} %" for name, v in rows])
 
 # %% ../nbs/13d_sweep.ipynb #c2b125c2
-def compare_table(summary) -> "pd.DataFrame":
+def compare_table(summary):  # -> pandas.DataFrame
     """Rows: labels; columns: (dataset, ours | paper | delta) and their average over the datasets that ran."""
     import pandas as pd
     s = summary.reset_index()

@@ -40,3 +40,12 @@ def test_wheel_builds_without_packaging_warnings(tmp_path):
     assert "latteclip_nb.assets" not in log and "License classifiers are deprecated" not in log
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert {"latteclip_nb/assets/latte-tiny.json", "latteclip_nb/assets/latte-shapes.safetensors"} <= set(names)
+
+
+def test_make_docs_without_quarto_fails_with_its_one_line(tmp_path):
+    venv = _fake_venv(tmp_path, 0, 0)
+    (venv / "bin" / "pip").write_text("#!/bin/sh\nexit 1\n"); (venv / "bin" / "pip").chmod(0o755)   # no quarto-cli either
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}   # no quarto on the PATH
+    r = subprocess.run(["make", "--no-print-directory", "docs", f"VENV={venv}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "make docs needs Quarto" in r.stdout + r.stderr

@@ -5,7 +5,7 @@ imports, exports and show_doc.
 `NB_OUTPUTS=00_core,03_prompts pytest tests/test_notebooks.py` checks the outputs of some notebooks only
 (`scripts/run_notebooks.py` stores them).
 """
-import ast, json, os, re, shutil, subprocess
+import ast, json, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -244,3 +244,16 @@ def test_sidebar_lists_every_notebook():
     """nbs/sidebar.yml (the documentation's table of contents) names every notebook, in reading order."""
     listed = [l.strip()[2:] for l in (NBS / "sidebar.yml").read_text().splitlines() if l.strip().startswith("- ")]
     assert listed == ["index.ipynb"] + sorted(p.name for p in NOTEBOOKS if p.name != "index.ipynb")
+
+
+def test_page_processing_of_every_notebook_succeeds(tmp_path):
+    """`nbdev_readme` and `nbdev_docs` first run nbdev's page processing (`proc_nbs`: exports, imports, show_doc) over
+    every notebook; it must succeed on each (a show_doc of a function whose annotation names a module imported only
+    inside it stops it). Run on a copy, so no `_proc` folder is left in the repository."""
+    shutil.copytree(NBS, tmp_path / "nbs")
+    for f in ("settings.ini", "README.md", "LICENSE"): shutil.copy(REPO / f, tmp_path / f)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", "from nbdev.serve import proc_nbs; proc_nbs('nbs', n_workers=1)"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    failed = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("Exception: Error in notebook")]
+    assert r.returncode == 0, "\n".join(failed[:5]) or (r.stdout + r.stderr)[-3000:]
