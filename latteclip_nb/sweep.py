@@ -149,7 +149,10 @@ def record_block(name: str, md: str, runs, command: str, root="..") -> Path:
     commits = sorted({str(c) for c in runs["git_commit"] if c == c and c})
     at = ", ".join(f"`{c.removesuffix('-dirty')[:10]}`" for c in commits) or "an unknown commit"
     dirty = " (with uncommitted changes)" if any(c.endswith("-dirty") for c in commits) else ""
-    line = (f"Written by `{command}` from runs made at commit {at}{dirty}; one row per run ({len(runs)}: labels, seed, "
+    n_runs = runs["command"].nunique()   # a run shared by several tables has a row in each
+    rows = (f"one row per run ({len(runs)}" if n_runs == len(runs) else
+            f"one row per table row ({len(runs)} rows of {n_runs} distinct runs, a run shared by tables once in each")
+    line = (f"Written by `{command}` from runs made at commit {at}{dirty}; {rows}: labels, seed, "
             f"top-1 and the command that reruns it) in [docs/results/{name}.csv](docs/results/{name}.csv), checked by `make reproduce`.")
     write_readme_block(root, name, md.rstrip() + "\n\n" + line)
     return csv

@@ -31,8 +31,9 @@ def test_block_names_command_commit_and_runs(name):
     with open(path, newline="", encoding="utf-8") as f: rows = list(csv.DictReader(f))
     assert rows and all(r["command"].startswith("latteclip-train ") and r["seed"] != "" and r["git_commit"] for r in rows)
     assert sum(r["reproduce"] == "True" for r in rows) == 1
-    n = re.search(r"one row per run \((\d+):", body)
-    assert n and int(n.group(1)) == len(rows)
+    n = re.search(r"one row per (?:run \((\d+):|table row \((\d+) rows of (\d+) distinct runs)", body)
+    assert n and int(n.group(1) or n.group(2)) == len(rows)
+    assert int(n.group(3) or n.group(1)) == len({r["command"] for r in rows})   # a run shared by tables counted once
 
 
 def test_default_world_block_reproduces(tmp_path):
