@@ -50,6 +50,16 @@ def llava_7b_config(tokenizer, text_layers: int = 32, vision_layers: int = 24):
                            vision_feature_select_strategy="default", tie_word_embeddings=False)
 
 
+def _publish(model, tmp: Path, folder: Path, t0: float) -> Path:
+    "Move the saved random model from `tmp` into `folder` (atomic), say its size and build time, and free its memory."
+    os.replace(tmp, folder)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"built {n / 1e9:.2f} B random parameters in {time.perf_counter() - t0:.0f} s -> {folder}", flush=True)
+    del model
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+    return folder
+
+
 def build_random_llava_7b(folder: Path, device, text_layers=32, vision_layers=24) -> Path:
     """Save a random-weight LLaVA-1.6-Mistral-7B (fp16 on GPU, fp32 on CPU; 32064 vocabulary rows), once."""
     from transformers import GenerationConfig, LlavaNextForConditionalGeneration
@@ -66,12 +76,7 @@ def build_random_llava_7b(folder: Path, device, text_layers=32, vision_layers=24
                                                pad_token_id=tokenizer.pad_token_id, do_sample=False)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     model.save_pretrained(tmp, max_shard_size="4GB"); model.generation_config.save_pretrained(tmp); tiny_llava_processor(tokenizer).save_pretrained(tmp)
-    os.replace(tmp, folder)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"built {n / 1e9:.2f} B random parameters in {time.perf_counter() - t0:.0f} s -> {folder}", flush=True)
-    del model
-    if torch.cuda.is_available(): torch.cuda.empty_cache()
-    return folder
+    return _publish(model, tmp, folder, t0)
 
 
 QWEN25VL_3B_VOCAB = 151936   # Qwen/Qwen2.5-VL-3B-Instruct's embedding rows (tied with the output layer)
@@ -110,12 +115,7 @@ def build_random_qwen25vl_3b(folder: Path, device, text_layers=36, vision_layers
     model.generation_config = GenerationConfig(**{k: v for k, v in gen.items() if k != "transformers_version"},
                                                suppress_tokens=list(range(n_tokens, QWEN25VL_3B_VOCAB)))
     model.save_pretrained(tmp, max_shard_size="4GB")
-    os.replace(tmp, folder)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"built {n / 1e9:.2f} B random parameters in {time.perf_counter() - t0:.0f} s -> {folder}", flush=True)
-    del model
-    if torch.cuda.is_available(): torch.cuda.empty_cache()
-    return folder
+    return _publish(model, tmp, folder, t0)
 
 
 def synthetic_images(n: int, size=(500, 375), seed=0) -> list:
