@@ -24,7 +24,7 @@ CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto",
                mixer=("eq1", "released"), route=("pseudo", "true"), augment=("worker", "device"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
 FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "caption_decoding", "caption_concurrency", "server_url", "resume", "ckpt_every",
-               "deterministic", "report_to"}
+               "deterministic", "report_to", "eval_every", "keep_checkpoints", "verbose"}
 
 @dataclass
 class ExperimentConfig:
@@ -95,6 +95,11 @@ class ExperimentConfig:
     image_cache: bool = False        # decode each training image once, as uint8 at a bounded size, into <cache>/images (reused by every epoch and rerun)
     report_to: str = ""              # experiment tracking: tensorboard, wandb, tensorboard,wandb ("": none; optional extras)
     tag: str = ""                    # appended to the run name
+    eval_every: int = -1             # evaluate top-1 every N training steps (-1: once per epoch where a labeled split exists; 0: never); monitoring only, the last model is exported
+    keep_checkpoints: int = 0        # keep the last K checkpoints (checkpoint-<step>.pt) and the final one (0: delete the checkpoint after the export)
+    verbose: bool = False            # show other libraries' INFO lines (open_clip's) on the console and in run.log
+    wise_alpha: float = 1.0          # WiSE-FT: export (1 - A) x starting CLIP + A x fine-tuned CLIP (1: the fine-tuned model; 0: the starting one)
+    stop_after: int = 0              # stop after N steps of the full schedule (0: run it all; max_steps compresses the schedule instead)
 
     def __post_init__(self): self.check()
 
@@ -108,12 +113,14 @@ class ExperimentConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed: raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         for name, low in dict(lr=0, epochs=0, max_steps=0, batch_size=0, warmup_steps=-1, ckpt_every=0, world_seed=0, groups_per_class=0, released_workers=-1,
-                              num_workers=-1, images_per_group=1, caption_batch_size=0, caption_concurrency=1, captioner_max_pixels=-1, eval_batch_size=1, group_gt_correct=-1).items():
+                              num_workers=-1, images_per_group=1, caption_batch_size=0, caption_concurrency=1, captioner_max_pixels=-1, eval_batch_size=1, group_gt_correct=-1,
+                              eval_every=-1, keep_checkpoints=0, stop_after=0).items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}" + (" (0 takes the dataset's value)" if low == 0 and name in ("lr", "epochs", "batch_size") else ""))
         if self.weight_decay < 0 and self.weight_decay != -1: raise ValueError(f"weight_decay={self.weight_decay} must be >= 0 (or -1 for the dataset's)")
         if not 0 <= self.alpha <= 1: raise ValueError(f"alpha={self.alpha} must lie in [0, 1]")
         if not 0 <= self.momentum < 1: raise ValueError(f"momentum={self.momentum} must lie in [0, 1)")
+        if not 0 <= self.wise_alpha <= 1: raise ValueError(f"wise_alpha={self.wise_alpha} must lie in [0, 1] (1: the fine-tuned model)")
         if self.group_gt_correct > self.images_per_group:
             raise ValueError(f"group_gt_correct={self.group_gt_correct} exceeds images_per_group={self.images_per_group}")
         if not 0 < self.data_fraction <= 1: raise ValueError(f"data_fraction={self.data_fraction} must lie in (0, 1]")
@@ -167,7 +174,7 @@ class ExperimentConfig:
         """A readable name that changes with every non-default field that affects results."""
         skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "name", "out_dir", "captions_dir",
                 "server_url", "caption_batch_size", "caption_decoding", "caption_concurrency", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every",
-                "deterministic", "report_to"}
+                "deterministic", "report_to", "eval_every", "keep_checkpoints", "verbose"}
         default = ExperimentConfig(dataset=self.dataset, method=self.method)
         parts = [self.method] + [f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self)
                                  if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)]

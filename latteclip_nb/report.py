@@ -251,7 +251,18 @@ def _curves(run: Run) -> str:
         x = [r.get("epoch", i + 1) for i, r in enumerate(h)]
         ser = {k: (x, [r.get(k) for r in h]) for k in ("agreement", "label_accuracy") if any(r.get(k) is not None for r in h)}
         if ser: charts.append(svg_lines(ser, title="per epoch"))
+    charts.append(_eval_chart(run.metrics))
     return out[0] + "".join(charts)
+
+# %% ../nbs/14_report.ipynb #739de0f8
+def _eval_chart(m: dict) -> str:
+    "Test top-1 per evaluation while training, and the zero-shot top-1 as a flat line ('' without evaluations)."
+    ev = m.get("eval_history") or []
+    if not ev: return ""
+    x = [r["step"] for r in ev]
+    ser = {"test top-1": (x, [r["top1"] for r in ev])}
+    if m.get("zeroshot_top1") is not None: ser["zero-shot"] = ([0] + x, [m["zeroshot_top1"]] * (len(x) + 1))
+    return svg_lines(ser, title="test top-1 (%) while training (monitoring only)")
 
 # %% ../nbs/14_report.ipynb #fa49e581
 def _predictions(run: Run, shown: list, images: dict, device=None):
