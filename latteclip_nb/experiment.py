@@ -209,11 +209,13 @@ def _run(cfg, overwrite, rank, world, device, t0, held, report=True):
         result = evaluate(res.model, eval_tf, test_split, res.classifier, batch_size=cfg.eval_batch_size, device=device,
                           num_workers=workers, shard=world > 1) if labeled else None   # every rank encodes its share
         if evaluator is not None: metrics["eval_history"] = _eval_history(res, result, history)
+        if cfg.wise_alpha < 1:   # WiSE-FT: the exported model lies between the starting and the fine-tuned CLIP
+            result, metrics["finetuned_top1"], wise = _wise(cfg, res, out, arch, pretrained, spec, eval_tf, test_split, device, workers, world, rank, result)
         place = None if layout.shared else (rank0_place(), broadcast_object(str(out)))   # collectives: every rank asks
         if rank != 0:   # only rank 0 writes
             if place and layout.writer: log.info(f"metrics.json, the report and the export of this run are written by rank 0 on {place[0]}, in {place[1]}")
             _barrier(); return {}
-        metrics["classifier_path"] = str(res.classifier_path) if res.classifier_path else None
+        metrics["classifier_path"] = str(wise if cfg.wise_alpha < 1 else res.classifier_path) if res.classifier_path else None
     if result is not None and "confusion" not in result:  # llava_zs, reclip: the same report as every other method, from their predictions
         result = {**result, **accuracy_report(result["preds"], test_split.labels, len(classnames))}
     metrics.update(top1=_pct(result["top1"]) if labeled else None, per_class=[_pct(a) for a in result["per_class"]] if labeled else None,
@@ -326,6 +328,21 @@ def _eval_history(res, result: dict, history) -> list:
     if not evals or evals[-1]["step"] != res.step:
         evals.append(dict(step=res.step, epoch=(history or [{}])[-1].get("epoch"), top1=_pct(result["top1"])))
     return evals
+
+# %% ../nbs/13c_experiment.ipynb #941280d1
+def _wise(cfg, res, out, arch, pretrained, spec, eval_tf, test_split, device, workers, world, rank, result) -> tuple:
+    "(evaluation of the WiSE-FT model, the fine-tuned top-1, the WiSE-FT export folder): rank 0 writes out/wise, every rank evaluates."
+    from latteclip_nb.evaluate import evaluate
+    from latteclip_nb.train import wise_export
+    folder = out/"wise"
+    if rank == 0: wise_export(res.classifier_path, folder, cfg.wise_alpha, arch, pretrained, spec.template, device)
+    _barrier()
+    if result is None: return None, None, folder
+    from latteclip_nb.train import load_classifier
+    clf = load_classifier(folder, device=device)
+    wise = evaluate(clf.model, eval_tf, test_split, clf.weights, batch_size=cfg.eval_batch_size, device=device, num_workers=workers, shard=world > 1)
+    log.info(f"WiSE-FT (alpha {cfg.wise_alpha:g}): top-1 {100 * wise['top1']:.2f} % (fine-tuned {100 * result['top1']:.2f} %)")
+    return wise, _pct(result["top1"]), folder
 
 # %% ../nbs/13c_experiment.ipynb #6593c111
 def route_labels(c_zs, labels, route: str = "pseudo", correct: float = 0.0, seed: int = 0, where: str = "the training split"):

@@ -64,3 +64,82 @@ def test_run_log_holds_the_command_config_progress_and_closing_lines(evaluated):
     assert f"top-1 {m['top1']:.2f} %" in lines[-1]
     info = [l for l in lines if " INFO " in l]
     assert info and all(" INFO latteclip_nb" in l for l in info)                        # no other library's INFO lines
+
+
+def test_model_card_round_trips_through_huggingface_hub(evaluated):
+    from huggingface_hub import ModelCard
+    out, m = evaluated
+    card = ModelCard.load(out / "train" / "classifier" / "README.md")
+    d = card.data
+    assert d.library_name == "open_clip" and d.license and d.base_model is None          # shapes: local starting weights
+    assert d.to_dict()["model-index"][0]["results"][0]["metrics"][0]["value"] == round(m["top1"], 2)
+    assert d.eval_results[0].metric_type == "accuracy" and d.eval_results[0].dataset_split == "test"
+    assert "| training length | 4 optimizer steps of 64 images (0.16 epochs of 25 steps), of a cosine schedule of 4 steps (max_steps 4 compressed it) |" in card.text
+    from latteclip_nb.checkpoints import base_model_id, card_data
+    assert base_model_id("ViT-B-32", "laion2b_s34b_b79k") == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    assert card_data(dict(model="ViT-B-32", pretrained="laion2b_s34b_b79k", dataset="food101")).to_dict()["datasets"] == ["ethz/food101"]
+
+
+def test_export_push_uploads_the_folder_without_network(evaluated, monkeypatch, capsys):
+    import huggingface_hub
+    from latteclip_nb.checkpoints import export_main
+    out, _ = evaluated
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw["repo_id"], kw["folder_path"])))
+    export_main([str(out), "--push", "someone/latte-shapes"])
+    assert calls == [("create", "someone/latte-shapes", {"exist_ok": True, "private": False}),
+                     ("upload", "someone/latte-shapes", str(out / "train" / "classifier"))]
+    assert capsys.readouterr().out.split() == [str(out / "train" / "classifier"), "https://huggingface.co/someone/latte-shapes"]
+
+
+def test_wise_ft_ends_are_the_starting_and_the_fine_tuned_model(evaluated, cache):
+    from latteclip_nb.checkpoints import export_main, load_classifier
+    from latteclip_nb.evaluate import evaluate
+    from latteclip_nb.experiment import resolve_data
+    out, m = evaluated
+    zero = run_experiment(ExperimentConfig(**TINY, eval_every=0, wise_alpha=0.0, out_dir=str(cache / "wise0")))
+    assert zero["top1"] == pytest.approx(m["zeroshot_top1"]) and zero["finetuned_top1"] == pytest.approx(m["top1"])
+    assert zero["classifier_path"].endswith("wise") and zero["config"]["wise_alpha"] == 0
+    export_main([str(out), "--wise-alpha", "1", "--out", str(cache / "wise1")])      # the command, at A = 1
+    test = resolve_data(ExperimentConfig(**TINY))[1]["test"]
+    clf = load_classifier(cache / "wise1", device="cpu")
+    assert 100 * evaluate(clf.model, clf.transform, test, clf.weights)["top1"] == pytest.approx(m["top1"])
+
+
+def test_report_answers_did_it_help(evaluated):
+    out, m = evaluated
+    page = (out / "report.html").read_text()
+    d = m["top1"] - m["zeroshot_top1"]
+    assert f'<span class="{"neg" if d < 0 else "pos"} delta">{d:+.2f} points</span>' in page
+    table = page.split('id="per-class"', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r'<tr><td data-v="[^"]*">([^<]+)</td><td data-v="([^"]*)">[^<]*</td><td data-v="([^"]*)">[^<]*</td><td data-v="([^"]*)"', table)
+    assert [r[0] for r in rows] == m["classnames"]
+    assert [float(r[1]) for r in rows] == pytest.approx(m["zeroshot_per_class"])       # the zero-shot column is metrics.json's
+    assert [float(r[2]) for r in rows] == pytest.approx(m["per_class"])
+    assert [float(r[3]) for r in rows] == pytest.approx([f - z for f, z in zip(m["per_class"], m["zeroshot_per_class"])])
+    assert "learning rate per logged step" in page and ">optimizer step</text>" in page and "rotate(-90)" in page
+    assert '<select id="show">' in page and page.count("data-changed=") == page.count('class="thumb"')
+    assert re.search(r"prototype drift \(angle between start and end\)</td><td>\d+\.\d\d°", page)
+    assert "Prompts sent to the LMM" in page and 'class="prompt"' in page
+    # per class, the images training changed come before the unchanged ones
+    for sec in re.findall(r'<section class="cls".*?</section>', page, re.S):
+        flags = [int(f) for f in re.findall(r'data-changed="(\d)"', sec)]
+        assert flags == sorted(flags, reverse=True)
+
+
+def test_papermill_run_stores_plain_progress_lines_not_widgets(cache, tmp_path):
+    import os, subprocess, sys
+    nb = Path(__file__).resolve().parents[1] / "nbs" / "90_experiment.ipynb"
+    params = dict(epochs=1, max_steps=2, batch_size=64, groups_per_class=2, num_workers=0, out_dir=str(tmp_path / "run"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    env.update(OMP_NUM_THREADS="1", LATTECLIP_CACHE=str(cache / "cache"))
+    r = subprocess.run([str(Path(sys.executable).parent / "papermill"), str(nb), str(tmp_path / "out.ipynb"), "--cwd", str(nb.parent),
+                        *[a for k, v in params.items() for a in ("-p", k, str(v))]], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stored = json.loads((tmp_path / "out.ipynb").read_text())
+    outputs = [o for c in stored["cells"] for o in c.get("outputs", [])]
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert "widgets" not in stored["metadata"]
+    text = "".join("".join(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
+    assert re.search(r"latteclip epoch 1/1: 2/2 \(100%\) it", text) and "\r" not in text   # how far training got, as a line
