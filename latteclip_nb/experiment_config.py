@@ -29,14 +29,14 @@ FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_b
 @dataclass
 class ExperimentConfig:
     """Everything one run needs; zero/empty fields take the dataset's defaults."""
-    dataset: str = "shapes"          # one of the ten datasets, "shapes", or a folder of unlabeled images
+    dataset: str = "shapes"          # one of the ten datasets, "shapes", or a folder (or .csv/.txt list) of unlabeled images
     method: str = "latteclip"        # one of METHODS
     recipe: str = "reference"        # reference (the released scripts) | paper (the paper's template, lr and schedule)
     data_root: str = ""              # datasets live here ("" -> <cache>/data)
     split_file: str = ""             # CoOp split_zhou_*.json, when not under data_root
     classes_file: str = ""           # custom folder: one class name per line
     domain: str = "object"           # custom folder: the domain word
-    test_root: str = ""              # custom folder: labeled test images (ImageFolder layout); "" -> train only, no evaluation
+    test_root: str = ""              # custom folder: labeled test images (ImageFolder layout, or a .csv of path,label); "" -> train only, no evaluation
     name: str = ""                   # custom folder: its dataset name ("" -> the folder's parent and own name, e.g. birds-unlabeled)
     world_seed: int = 0              # shapes: seed of the rendered world (0: the default world)
     describer_errors: str = ""       # shapes: describer error rates to change, e.g. "q_shape=0.3,p_drop=0.1"
@@ -61,7 +61,7 @@ class ExperimentConfig:
     lr: float = 0.0                  # AdamW learning rate (0 -> the dataset's, 1e-7 for the paper's)
     batch_size: int = 0              # images per step (0 -> the dataset's, 512 for the paper's)
     weight_decay: float = -1.0       # -1 -> the dataset's weight decay
-    max_steps: int = 0               # cap on optimizer steps (0: no cap)
+    max_steps: int = 0               # cap on optimizer steps (0: no cap); it compresses the whole schedule (warm-up, cosine decay) into them, so a capped run is another run, not an early stop (--stop-after stops early)
     ckpt_every: int = 50             # checkpoint every N steps (0: at epoch ends); a kill loses at most N steps
     resume: bool = True              # continue an interrupted run from its checkpoint (false: start over)
     alpha: float = 0.99              # Eq. 2: weight of the prototype in the target
@@ -145,9 +145,10 @@ class ExperimentConfig:
         if (self.world_seed or self.describer_errors or self.class_names) and not shapes:
             raise ValueError(f"world_seed, describer_errors and class_names describe the shapes world, not dataset={self.dataset!r}: leave them unset")
         folder, rendered = Path(self.dataset).expanduser(), False
-        if folder.is_dir():
+        if folder.suffix.lower() in (".csv", ".txt"): _need(folder, "dataset", file=True)   # a list of images: it must exist
+        if folder.is_dir() or folder.suffix.lower() in (".csv", ".txt"):
             if self.classes_file: _need(self.classes_file, "classes_file", file=True)
-            if self.test_root: _need(self.test_root, "test_root")
+            if self.test_root: _need(self.test_root, "test_root", file=Path(self.test_root).suffix.lower() in (".csv", ".txt"))
             elif self.method in _EVAL_ONLY:
                 raise ValueError(f"method={self.method} only evaluates: give test_root, a labeled folder (one sub-folder of images per class)")
         else:
@@ -241,7 +242,7 @@ def resolve_data(cfg: ExperimentConfig):
     """The dataset spec and its {"train", "test"} splits for a config."""
     from latteclip_nb import core, data
     folder = Path(cfg.dataset).expanduser()
-    if folder.is_dir():
+    if folder.is_dir() or data.is_image_list(folder):   # a custom folder, or a .csv/.txt list of images
         dom = data.FolderDomain(folder, classes_file=cfg.classes_file or None, domain=cfg.domain, test_root=cfg.test_root or None,
                                 name=cfg.name or None)
         return dom.spec, dom.splits()

@@ -143,3 +143,37 @@ def test_papermill_run_stores_plain_progress_lines_not_widgets(cache, tmp_path):
     assert "widgets" not in stored["metadata"]
     text = "".join("".join(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
     assert re.search(r"latteclip epoch 1/1: 2/2 \(100%\) it", text) and "\r" not in text   # how far training got, as a line
+
+
+def test_csv_image_lists_train_and_evaluate(evaluated, cache, tmp_path):
+    from latteclip_nb.experiment import resolve_data
+    from latteclip_nb.shapes import SHAPES_CHECKPOINT
+    sp = resolve_data(ExperimentConfig(**TINY))[1]
+    train, test = sp["train"], sp["test"]
+    (tmp_path / "train.csv").write_text("".join(f"{train.root / i}\n" for i in train.ids[:96]))
+    (tmp_path / "test.csv").write_text("path,label\n" + "".join(f"{test.root / i},{test.classnames[y]}\n" for i, y in zip(test.ids[:60], test.labels[:60])))
+    m = run_experiment(ExperimentConfig(dataset=str(tmp_path / "train.csv"), test_root=str(tmp_path / "test.csv"), method="flyp_pl",
+                                        model="latte-shapes", pretrained=str(SHAPES_CHECKPOINT), epochs=1, max_steps=2, batch_size=32,
+                                        num_workers=0, out_dir=str(tmp_path / "run")))
+    assert m["n_train"] == 96 and m["n_test"] == 60 and m["top1"] is not None and len(m["eval_history"]) == 1
+    assert sorted(m["classnames"]) == sorted({test.classnames[y] for y in test.labels[:60]})
+    (tmp_path / "bad.csv").write_text(f"{train.root / train.ids[0]}\nnowhere/x.png\n")
+    import subprocess, sys
+    r = subprocess.run([sys.executable, "-c", "from latteclip_nb.experiment import main; main()", "--dataset", str(tmp_path / "bad.csv"),
+                        "--test-root", str(tmp_path / "test.csv"), "--clip-model", "latte-shapes", "--method", "flyp_pl",
+                        "--out-dir", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(err) == 1 and "line 2: nowhere/x.png does not exist" in err[0], r.stderr[-2000:]
+
+
+def test_stop_after_stops_inside_the_full_schedule_and_max_steps_says_it_compresses(evaluated, cache):
+    from latteclip_nb.experiment import config_parser
+    from latteclip_nb.run_config import cosine_lr
+    m = run_experiment(ExperimentConfig(**{**TINY, "max_steps": 0}, eval_every=0, stop_after=12, out_dir=str(cache / "stopped")))
+    tc = m["train_config"]
+    assert m["history"][-1]["step"] == 12 and tc["stop_after"] == 12 and tc["max_steps"] is None
+    full = 25 * tc["epochs"]                                           # 1600 images / 64: the schedule keeps all 25 steps
+    assert m["history"][-1]["lr"] == pytest.approx(tc["lr"] * cosine_lr(12, tc["warmup_steps"], full))   # past the warm-up of 10
+    assert m["history"][-1]["lr"] != pytest.approx(tc["lr"] * cosine_lr(12, tc["warmup_steps"], 12))
+    helps = {a.dest: a.help for a in config_parser()._actions}
+    assert "compresses the whole schedule" in helps["max_steps"] and "stop" in helps["stop_after"]
