@@ -271,7 +271,7 @@ def _dataset(args):
     named = [v for v in (args.dataset, getattr(args, "dataset_flag", None), args.folder) if v]
     if len(named) > 1: raise ValueError(f"give one dataset, not {' and '.join(map(repr, named))}")
     if not named: raise ValueError("name a dataset (e.g. dtd, shapes) or a folder: --dataset FOLDER --classes-file classes.txt --domain WORD")
-    if args.folder or Path(named[0]).expanduser().is_dir():
+    if args.folder or Path(named[0]).expanduser().is_dir() or data.is_image_list(named[0]):   # a folder or a .csv/.txt list
         fd = data.FolderDomain(Path(named[0]).expanduser(), classes_file=args.classes_file or None, domain=args.domain,
                                test_root=args.test_root or None, name=args.name or None)
         return fd.spec, fd.splits()["train"]

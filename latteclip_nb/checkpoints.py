@@ -4,7 +4,9 @@
 
 # %% auto #0
 __all__ = ['WEIGHTS_FILE', 'OPEN_CLIP_CONFIG', 'rng_state', 'set_rng_state', 'set_deterministic', 'portable_name',
-           'open_clip_config', 'export_classifier', 'Classifier', 'load_classifier', 'model_card', 'write_model_card']
+           'open_clip_config', 'export_classifier', 'Classifier', 'load_classifier', 'base_model_id', 'card_data',
+           'model_card', 'write_model_card', 'wise_ft', 'wise_classifier', 'wise_export', 'push_to_hub',
+           'export_parser', 'export_main']
 
 # %% ../nbs/09e_checkpoints.ipynb #58522560
 import os, random
@@ -156,6 +158,42 @@ def load_classifier(path, device=None, model_name: Optional[str] = None) -> Clas
         raise ValueError(f"{path}: classifier.safetensors has {len(weights)} class vectors but classifier.json names {len(meta['classnames'])} classes")
     return Classifier(model.eval(), eval_tf, weights, meta["classnames"], device, meta)
 
+# %% ../nbs/09e_checkpoints.ipynb #99107f5e
+_HUB_DATASETS = {"food101": "ethz/food101"}   # datasets with a canonical hub repository ("where known")
+
+def base_model_id(model: Optional[str], pretrained: Optional[str]) -> Optional[str]:
+    """The hub repository of an OpenCLIP architecture and pretrained tag (`hf-hub:` names too), or None (local or unknown weights)."""
+    import open_clip
+    if model and str(model).startswith("hf-hub:"): return str(model)[7:]
+    if not (model and pretrained): return None
+    try: hub = (open_clip.get_pretrained_cfg(model, pretrained) or {}).get("hf_hub", "")
+    except Exception: return None
+    return hub.rstrip("/") or None
+
+def _length(meta: dict, cfg: dict) -> str:
+    "The training length as it was: steps done, images per step and the schedule they belong to."
+    from latteclip_nb.views import steps_per_epoch
+    step, n, B = meta.get("step"), meta.get("n_train"), cfg.get("batch_size")
+    if step is None or not (n and B): return "-" if step is None else f"{step} optimizer steps"
+    spe = steps_per_epoch(n, B, cfg.get("drop_last", False), cfg.get("released_workers", 0))
+    planned = cfg.get("epochs", 1) * spe if not cfg.get("max_steps") else min(cfg.get("epochs", 1) * spe, cfg["max_steps"])
+    how = f"a cosine schedule of {planned} steps" + (f" (max_steps {cfg['max_steps']} compressed it)" if cfg.get("max_steps") and planned < cfg.get("epochs", 1) * spe else "")
+    return f"{step} optimizer steps of {B} images ({step / spe:.2f} epochs of {spe} steps), of {how}"
+
+def card_data(meta: dict, metrics: Optional[dict] = None):
+    """The hub's `ModelCardData` of an export: base_model, license, library_name, datasets, tags and a model-index with top-1."""
+    from huggingface_hub import EvalResult, ModelCardData
+    m, dataset = metrics or {}, meta.get("dataset") or "custom"
+    base = base_model_id(meta.get("model"), meta.get("pretrained"))
+    results = None
+    if m.get("top1") is not None:
+        results = [EvalResult(task_type="image-classification", dataset_type=_HUB_DATASETS.get(dataset, dataset), dataset_name=f"{dataset} (test split)",
+                              dataset_split="test", metric_type="accuracy", metric_value=round(float(m["top1"]), 2), metric_name="top-1 accuracy (%)")]
+    return ModelCardData(library_name="open_clip", license=meta.get("license") or ("mit" if base and base.startswith("laion/") else "other"),
+                         base_model=base, datasets=[_HUB_DATASETS[dataset]] if dataset in _HUB_DATASETS else None,
+                         pipeline_tag="zero-shot-image-classification", tags=["clip", "latteclip", "image-classification", meta.get("method", "latteclip")],
+                         model_name=f"{meta.get('method', 'latteclip')}-{dataset}", eval_results=results)
+
 # %% ../nbs/09e_checkpoints.ipynb #bf9d0d0f
 def _fmt(v, pct: bool = False) -> str:
     if v is None: return "-"
@@ -170,8 +208,9 @@ def model_card(meta: dict, metrics: Optional[dict] = None) -> str:
             "flyp_pl": "FLYP on zero-shot pseudo-labels", "oracle": "FLYP on the true labels (oracle)"}.get(method, method)
     rows = [("method", what), ("recipe", meta.get("recipe", "-")), ("base model", f"{meta.get('model')} / {meta.get('pretrained')}"),
             ("captioner (LMM that wrote the descriptions)", meta.get("captioner") or "none: class names only"),
-            ("training images (unlabeled)", meta.get("n_train")), ("optimizer steps", meta.get("step"))]
-    rows += [(k, cfg[k]) for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "alpha", "momentum",
+            ("training images (unlabeled)", meta.get("n_train")), ("training length", _length(meta, cfg))]
+    if meta.get("wise_alpha") is not None: rows.append(("WiSE-FT", f"(1 - {meta['wise_alpha']:g}) x base model + {meta['wise_alpha']:g} x fine-tuned weights and class vectors"))
+    rows += [(k, cfg[k]) for k in ("batch_size", "lr", "weight_decay", "warmup_steps", "alpha", "momentum",
                                    "text_grad", "pseudo", "precision", "seed") if k in cfg]
     if m.get("top1") is not None:
         res = [("top-1, this model", _fmt(m["top1"], True)), ("top-1, zero-shot base model", _fmt(m.get("zeroshot_top1"), True)),
@@ -180,12 +219,7 @@ def model_card(meta: dict, metrics: Optional[dict] = None) -> str:
     else: measured = "Not measured: the run had no labeled test images."
     table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in rows)])
     return f"""---
-library_name: open_clip
-pipeline_tag: zero-shot-image-classification
-tags:
-- clip
-- latteclip
-- image-classification
+{card_data(meta, m).to_yaml()}
 ---
 
 # CLIP classifier for {dataset}
@@ -227,3 +261,74 @@ def write_model_card(path, metrics: Optional[dict] = None) -> Path:
     """(Re)write the README.md of the classifier folder `path` from its classifier.json and the evaluation `metrics`."""
     path = Path(path)
     return atomic_write_bytes(path/"README.md", model_card(read_json(path/"classifier.json"), metrics).encode())
+
+# %% ../nbs/09e_checkpoints.ipynb #c7b2b911
+def wise_ft(start: dict, finetuned: dict, alpha: float) -> dict:
+    """WiSE-FT: the state dict (1 - alpha) x `start` + alpha x `finetuned` (exactly `start` at 0 and `finetuned` at 1)."""
+    if not 0 <= alpha <= 1: raise ValueError(f"wise_alpha={alpha} must lie in [0, 1] (1: the fine-tuned model)")
+    if start.keys() != finetuned.keys():
+        raise ValueError(f"the starting and fine-tuned weights differ in their tensors ({len(set(start) ^ set(finetuned))} names): not the same architecture")
+    if alpha in (0, 1): return dict(finetuned if alpha == 1 else start)
+    return {k: ((1 - alpha) * start[k].float() + alpha * v.float()).to(v.dtype) if v.is_floating_point() else v for k, v in finetuned.items()}
+
+def wise_classifier(zero_shot: torch.Tensor, finetuned: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The class vectors between the zero-shot text classifier and the fine-tuned ones, renormalised (exact ends)."""
+    if alpha in (0, 1): return (finetuned if alpha == 1 else zero_shot).float().clone()
+    return F.normalize((1 - alpha) * F.normalize(zero_shot.float(), dim=-1) + alpha * F.normalize(finetuned.float().to(zero_shot.device), dim=-1), dim=-1)
+
+def wise_export(folder, out, alpha: float, model_name: str, pretrained, template: str, device=None) -> tuple:
+    """Export the WiSE-FT model of the export `folder` to `out`; (out, the interpolated model, its class vectors)."""
+    from latteclip_nb.clip import load_clip, text_classifier
+    folder, device = Path(folder), get_device(device)
+    meta = read_json(folder/"classifier.json")
+    model, _, _, tok = load_clip(model_name, pretrained, device=device)   # the starting CLIP
+    W0 = text_classifier(model, tok, meta["classnames"], [template], device=device)
+    model.load_state_dict(wise_ft({k: v.cpu() for k, v in model.state_dict().items()}, load_file(str(_weights_file(folder))), alpha))
+    W = wise_classifier(W0.cpu(), load_file(str(folder/"classifier.safetensors"))["classifier"], alpha)
+    cfg = TrainConfig(**{**{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__}, "model_name": model_name, "pretrained": str(pretrained)})
+    extra = {k: v for k, v in meta.items() if k not in ("format", "complete", "model", "pretrained", "method", "classnames", "class_texts", "config", "wise_alpha")}
+    export_classifier(out, model, W, meta["classnames"], meta["class_texts"], cfg, **extra, wise_alpha=alpha)
+    return Path(out), model, W
+
+# %% ../nbs/09e_checkpoints.ipynb #94b42c27
+import argparse, sys
+
+def push_to_hub(folder, repo_id: str, private: bool = False) -> str:
+    """Upload the export `folder` to the hub repository `repo_id` (created if missing); returns the repository's URL."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="latteclip_nb export")
+    return f"https://huggingface.co/{repo_id}"
+
+def export_parser() -> argparse.ArgumentParser:
+    """The `latteclip-export` arguments."""
+    p = argparse.ArgumentParser(prog="latteclip-export", description="Write the model card of a finished run's export again, "
+                                "optionally its WiSE-FT interpolation, and optionally upload it to the Hugging Face hub.")
+    p.add_argument("run_dir", help="the run folder (the --out-dir of latteclip-train; it holds metrics.json and train/classifier)")
+    p.add_argument("--wise-alpha", type=float, default=None, help="write (1 - A) x starting CLIP + A x fine-tuned CLIP (A = 1: the fine-tuned model)")
+    p.add_argument("--out", default="", help="where to write the WiSE-FT export (default: RUN_DIR/wise-A)")
+    p.add_argument("--push", default="", metavar="ORG/NAME", help="upload the export (the WiSE-FT one with --wise-alpha) to this hub repository")
+    p.add_argument("--private", action="store_true", help="with --push: create the repository private")
+    p.add_argument("--device", default="", help="device for the WiSE-FT class vectors (default: cuda > mps > cpu)")
+    return p
+
+def export_main(argv=None):
+    """Entry point of `latteclip-export`."""
+    a = export_parser().parse_args(argv)
+    try:
+        run = Path(a.run_dir)
+        if not (run/"metrics.json").is_file(): raise FileNotFoundError(f"{run/'metrics.json'} is missing: give the folder of a finished latteclip-train run")
+        m, folder = read_json(run/"metrics.json"), run/"train"/"classifier"
+        if not (folder/"classifier.json").is_file(): raise FileNotFoundError(f"{folder} holds no export: method={m.get('method')} trains no model")
+        if a.wise_alpha is not None:
+            if not 0 <= a.wise_alpha <= 1: raise ValueError(f"--wise-alpha {a.wise_alpha} must lie in [0, 1] (1: the fine-tuned model)")
+            folder = wise_export(folder, Path(a.out) if a.out else run/f"wise-{a.wise_alpha:g}", a.wise_alpha, m["model"], m.get("pretrained"),
+                                 m["template"], a.device or None)[0]
+            write_model_card(folder, None)
+        else: write_model_card(folder, m)
+        print(folder)
+        if a.push: print(push_to_hub(folder, a.push, a.private))
+    except (ValueError, OSError, RuntimeError) as e:
+        if os.environ.get("LATTECLIP_DEBUG"): raise
+        sys.exit("latteclip-export: error: " + (" ".join(str(e).split()) or type(e).__name__))

@@ -20,8 +20,8 @@ from .registry import _LOADERS   # data._LOADERS: the loaders of registered data
 from .split_files import _need_dir
 
 # %% auto #0
-__all__ = ['IMG_EXTENSIONS', 'load_image', 'ImageDataset', 'collate_skip', 'list_images', 'plural', 'read_classes_file',
-           'folder_name', 'FolderDomain']
+__all__ = ['IMG_EXTENSIONS', 'LIST_SUFFIXES', 'load_image', 'ImageDataset', 'collate_skip', 'list_images', 'plural',
+           'read_classes_file', 'folder_name', 'FolderDomain', 'is_image_list', 'read_image_list']
 
 # %% ../nbs/01b_data.ipynb #c816a50e
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -110,8 +110,10 @@ class FolderDomain:
     def __init__(self, root, classnames=None, classes_file=None, domain: str = "object", test_root=None,
                  domain_plural: str | None = None, template: str = "a photo of a {}.", name: str | None = None,
                  epochs: int = 50, warmup_steps: int = 10):
-        self.root = _need_dir(root, "image folder")
-        self.test_root = _need_dir(test_root, "test folder") if test_root is not None else None
+        self.listed, self.test_listed = is_image_list(root), test_root is not None and is_image_list(test_root)   # .csv/.txt lists of images
+        self.root = Path(root).expanduser() if self.listed else _need_dir(root, "image folder")
+        self.test_root = None if test_root is None else Path(test_root).expanduser() if self.test_listed else _need_dir(test_root, "test folder")
+        self._lists = {}
         if classnames is not None and classes_file is not None: raise ValueError("give classnames or classes_file, not both")
         source = "classnames"
         if classes_file is not None: classnames, source = read_classes_file(classes_file), str(classes_file)
@@ -122,22 +124,34 @@ class FolderDomain:
         self.classnames = check_classnames([clean_classname(c) for c in classnames], source)
         if not str(domain).strip(): raise ValueError("domain must be a word such as 'texture' or 'galaxy', got an empty string")
         domain_plural = domain_plural or plural(domain)
-        self.spec = DatasetSpec(name or folder_name(self.root), str(self.root), str(self.test_root or ""), template, domain,
+        self.spec = DatasetSpec(name or folder_name(self.root.with_suffix("") if self.listed else self.root), str(self.root), str(self.test_root or ""), template, domain,
                                 domain_plural, generic_image_prompt(domain), generic_group_prompt(domain_plural),
                                 epochs, warmup_steps, kind="folder", n_classes=len(self.classnames))
         if not self._train_ids(): raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {self.root}")
 
     def _class_dirs(self):
+        if self.test_listed: return sorted(set(self._list(self.test_root, True)[2]))   # the test list's labels
         return sorted(p.name for p in self.test_root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def _train_ids(self): return list_images(self.root, exclude=self.test_root)
+    def _train_ids(self): return self._list(self.root)[1] if self.listed else list_images(self.root, exclude=self.test_root)
+
+    def _list(self, path, labeled: bool = False) -> tuple:
+        "read_image_list(path), read once."
+        if path not in self._lists: self._lists[path] = read_image_list(path, labeled)
+        return self._lists[path]
 
     def splits(self) -> dict[str, Split | None]:
         """{'train': unlabeled Split of `root`, 'test': labeled Split of `test_root` (None without one)}."""
-        train = Split(self.root, self._train_ids(), None, self.classnames)
+        train = Split(self._list(self.root)[0] if self.listed else self.root, self._train_ids(), None, self.classnames)
         if not len(train): raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {self.root}")
         test = None
-        if self.test_root is not None:
+        if self.test_listed:
+            index = {c: i for i, c in enumerate(self.classnames)}
+            root, ids, names = self._list(self.test_root, True)
+            unknown = sorted({n for n in names if clean_classname(n) not in index})
+            if unknown: raise ValueError(f"labels {unknown} of the test list {self.test_root} match no class name; classes are {self.classnames}")
+            test = Split(root, ids, [index[clean_classname(n)] for n in names], self.classnames)
+        elif self.test_root is not None:
             index = {c: i for i, c in enumerate(self.classnames)}
             dirs = self._class_dirs()
             if not dirs: raise ValueError(f"test folder {self.test_root} has no class subfolders; use the layout test_root/<class name>/<image>")
@@ -154,3 +168,39 @@ class FolderDomain:
     def register(self, overwrite: bool = False) -> DatasetSpec:
         """Add this domain to the registry under `spec.name` so that `splits(name, ...)` works."""
         return register_dataset(self.spec, lambda root=None, **kw: self.splits(), overwrite=overwrite)
+
+# %% ../nbs/01b_data.ipynb #dd6b5efb
+import csv
+
+LIST_SUFFIXES = (".csv", ".txt")
+_PATH_COLS, _LABEL_COLS = ("path", "image", "file", "filepath", "filename", "image_path"), ("label", "class", "classname", "class_name")
+
+def is_image_list(path) -> bool:
+    """Whether `path` names a list of images (a .csv or .txt file) rather than a folder."""
+    return Path(str(path)).suffix.lower() in LIST_SUFFIXES and not Path(str(path)).expanduser().is_dir()
+
+def read_image_list(path, labeled: bool = False) -> tuple:
+    """(the folder the listed images share, their paths relative to it, their labels or None) of a .csv or .txt image list."""
+    path = Path(path).expanduser()
+    if not path.is_file(): raise FileNotFoundError(f"image list {path} does not exist; give a .csv or .txt file of image paths, or a folder")
+    lines = [(n, l) for n, l in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1) if l.strip() and not l.lstrip().startswith("#")]
+    if path.suffix.lower() == ".csv":
+        rows = [(n, [c.strip() for c in r]) for (n, _), r in zip(lines, csv.reader([l for _, l in lines]))]
+        head = [c.lower() for c in rows[0][1]] if rows else []
+        p_col = next((head.index(c) for c in _PATH_COLS if c in head), None)
+        l_col = next((head.index(c) for c in _LABEL_COLS if c in head), None)
+        if p_col is not None: rows = rows[1:]
+        else: p_col, l_col = 0, 1
+    else: rows, p_col, l_col = [(n, [l.strip()]) for n, l in lines], 0, None
+    files, labels = [], []
+    for n, r in rows:
+        f = Path(r[p_col]).expanduser()
+        f = f if f.is_absolute() else path.parent/f
+        if not f.is_file(): raise FileNotFoundError(f"image list {path}, line {n}: {r[p_col]} does not exist (relative paths are read from {path.parent}); fix the path or remove the line")
+        label = r[l_col] if l_col is not None and l_col < len(r) and r[l_col] else None
+        if labeled and label is None:
+            raise ValueError(f"test list {path}, line {n}: {r[p_col]} has no label; a test list is a .csv of path,label rows")
+        files.append(f.resolve()); labels.append(label)
+    if not files: raise ValueError(f"no images listed in {path}; write one image path per line")
+    root = Path(os.path.commonpath([f.parent for f in files]))
+    return root, [f.relative_to(root).as_posix() for f in files], labels if labeled else None

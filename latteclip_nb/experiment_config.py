@@ -24,19 +24,19 @@ CHOICES = dict(method=METHODS, recipe=("reference", "paper"), captioner=("auto",
                mixer=("eq1", "released"), route=("pseudo", "true"), augment=("worker", "device"))
 # fields that do not change a run's numbers: a finished run under other values is the same run
 FREE_FIELDS = {"out_dir", "num_workers", "device", "eval_batch_size", "caption_batch_size", "caption_decoding", "caption_concurrency", "server_url", "resume", "ckpt_every",
-               "deterministic", "report_to"}
+               "deterministic", "report_to", "eval_every", "keep_checkpoints", "verbose"}
 
 @dataclass
 class ExperimentConfig:
     """Everything one run needs; zero/empty fields take the dataset's defaults."""
-    dataset: str = "shapes"          # one of the ten datasets, "shapes", or a folder of unlabeled images
+    dataset: str = "shapes"          # one of the ten datasets, "shapes", or a folder (or .csv/.txt list) of unlabeled images
     method: str = "latteclip"        # one of METHODS
     recipe: str = "reference"        # reference (the released scripts) | paper (the paper's template, lr and schedule)
     data_root: str = ""              # datasets live here ("" -> <cache>/data)
     split_file: str = ""             # CoOp split_zhou_*.json, when not under data_root
     classes_file: str = ""           # custom folder: one class name per line
     domain: str = "object"           # custom folder: the domain word
-    test_root: str = ""              # custom folder: labeled test images (ImageFolder layout); "" -> train only, no evaluation
+    test_root: str = ""              # custom folder: labeled test images (ImageFolder layout, or a .csv of path,label); "" -> train only, no evaluation
     name: str = ""                   # custom folder: its dataset name ("" -> the folder's parent and own name, e.g. birds-unlabeled)
     world_seed: int = 0              # shapes: seed of the rendered world (0: the default world)
     describer_errors: str = ""       # shapes: describer error rates to change, e.g. "q_shape=0.3,p_drop=0.1"
@@ -61,7 +61,7 @@ class ExperimentConfig:
     lr: float = 0.0                  # AdamW learning rate (0 -> the dataset's, 1e-7 for the paper's)
     batch_size: int = 0              # images per step (0 -> the dataset's, 512 for the paper's)
     weight_decay: float = -1.0       # -1 -> the dataset's weight decay
-    max_steps: int = 0               # cap on optimizer steps (0: no cap)
+    max_steps: int = 0               # cap on optimizer steps (0: no cap); it compresses the whole schedule (warm-up, cosine decay) into them, so a capped run is another run, not an early stop (--stop-after stops early)
     ckpt_every: int = 50             # checkpoint every N steps (0: at epoch ends); a kill loses at most N steps
     resume: bool = True              # continue an interrupted run from its checkpoint (false: start over)
     alpha: float = 0.99              # Eq. 2: weight of the prototype in the target
@@ -95,6 +95,11 @@ class ExperimentConfig:
     image_cache: bool = False        # decode each training image once, as uint8 at a bounded size, into <cache>/images (reused by every epoch and rerun)
     report_to: str = ""              # experiment tracking: tensorboard, wandb, tensorboard,wandb ("": none; optional extras)
     tag: str = ""                    # appended to the run name
+    eval_every: int = -1             # evaluate top-1 every N training steps (-1: once per epoch where a labeled split exists; 0: never); monitoring only, the last model is exported
+    keep_checkpoints: int = 0        # keep the last K checkpoints (checkpoint-<step>.pt) and the final one (0: delete the checkpoint after the export)
+    verbose: bool = False            # show other libraries' INFO lines (open_clip's) on the console and in run.log
+    wise_alpha: float = 1.0          # WiSE-FT: export (1 - A) x starting CLIP + A x fine-tuned CLIP (1: the fine-tuned model; 0: the starting one)
+    stop_after: int = 0              # stop after N steps of the full schedule (0: run it all; max_steps compresses the schedule instead)
 
     def __post_init__(self): self.check()
 
@@ -108,12 +113,14 @@ class ExperimentConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed: raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         for name, low in dict(lr=0, epochs=0, max_steps=0, batch_size=0, warmup_steps=-1, ckpt_every=0, world_seed=0, groups_per_class=0, released_workers=-1,
-                              num_workers=-1, images_per_group=1, caption_batch_size=0, caption_concurrency=1, captioner_max_pixels=-1, eval_batch_size=1, group_gt_correct=-1).items():
+                              num_workers=-1, images_per_group=1, caption_batch_size=0, caption_concurrency=1, captioner_max_pixels=-1, eval_batch_size=1, group_gt_correct=-1,
+                              eval_every=-1, keep_checkpoints=0, stop_after=0).items():
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}" + (" (0 takes the dataset's value)" if low == 0 and name in ("lr", "epochs", "batch_size") else ""))
         if self.weight_decay < 0 and self.weight_decay != -1: raise ValueError(f"weight_decay={self.weight_decay} must be >= 0 (or -1 for the dataset's)")
         if not 0 <= self.alpha <= 1: raise ValueError(f"alpha={self.alpha} must lie in [0, 1]")
         if not 0 <= self.momentum < 1: raise ValueError(f"momentum={self.momentum} must lie in [0, 1)")
+        if not 0 <= self.wise_alpha <= 1: raise ValueError(f"wise_alpha={self.wise_alpha} must lie in [0, 1] (1: the fine-tuned model)")
         if self.group_gt_correct > self.images_per_group:
             raise ValueError(f"group_gt_correct={self.group_gt_correct} exceeds images_per_group={self.images_per_group}")
         if not 0 < self.data_fraction <= 1: raise ValueError(f"data_fraction={self.data_fraction} must lie in (0, 1]")
@@ -138,9 +145,10 @@ class ExperimentConfig:
         if (self.world_seed or self.describer_errors or self.class_names) and not shapes:
             raise ValueError(f"world_seed, describer_errors and class_names describe the shapes world, not dataset={self.dataset!r}: leave them unset")
         folder, rendered = Path(self.dataset).expanduser(), False
-        if folder.is_dir():
+        if folder.suffix.lower() in (".csv", ".txt"): _need(folder, "dataset", file=True)   # a list of images: it must exist
+        if folder.is_dir() or folder.suffix.lower() in (".csv", ".txt"):
             if self.classes_file: _need(self.classes_file, "classes_file", file=True)
-            if self.test_root: _need(self.test_root, "test_root")
+            if self.test_root: _need(self.test_root, "test_root", file=Path(self.test_root).suffix.lower() in (".csv", ".txt"))
             elif self.method in _EVAL_ONLY:
                 raise ValueError(f"method={self.method} only evaluates: give test_root, a labeled folder (one sub-folder of images per class)")
         else:
@@ -167,7 +175,7 @@ class ExperimentConfig:
         """A readable name that changes with every non-default field that affects results."""
         skip = {"dataset", "method", "data_root", "split_file", "classes_file", "test_root", "name", "out_dir", "captions_dir",
                 "server_url", "caption_batch_size", "caption_decoding", "caption_concurrency", "eval_batch_size", "num_workers", "device", "tag", "seed", "resume", "ckpt_every",
-                "deterministic", "report_to"}
+                "deterministic", "report_to", "eval_every", "keep_checkpoints", "verbose"}
         default = ExperimentConfig(dataset=self.dataset, method=self.method)
         parts = [self.method] + [f"{f.name}={_short(getattr(self, f.name))}" for f in dataclasses.fields(self)
                                  if f.name not in skip and getattr(self, f.name) != getattr(default, f.name)]
@@ -234,7 +242,7 @@ def resolve_data(cfg: ExperimentConfig):
     """The dataset spec and its {"train", "test"} splits for a config."""
     from latteclip_nb import core, data
     folder = Path(cfg.dataset).expanduser()
-    if folder.is_dir():
+    if folder.is_dir() or data.is_image_list(folder):   # a custom folder, or a .csv/.txt list of images
         dom = data.FolderDomain(folder, classes_file=cfg.classes_file or None, domain=cfg.domain, test_root=cfg.test_root or None,
                                 name=cfg.name or None)
         return dom.spec, dom.splits()

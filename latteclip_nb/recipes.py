@@ -141,7 +141,7 @@ def _spec_and_size(cfg: ExperimentConfig):
     "The dataset spec and its number of training images, from the registry (a custom folder: its image listing)."
     from latteclip_nb import data
     if cfg.dataset == "shapes": import latteclip_nb.shapes  # registers the offline world (renders nothing)
-    if Path(cfg.dataset).expanduser().is_dir():
+    if Path(cfg.dataset).expanduser().is_dir() or data.is_image_list(cfg.dataset):
         dom = data.FolderDomain(Path(cfg.dataset).expanduser(), classes_file=cfg.classes_file or None, domain=cfg.domain,
                                 test_root=cfg.test_root or None, name=cfg.name or None)
         return dom.spec, len(dom._train_ids())

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['run_config', 'cached_c_zs', 'Run', 'load_run', 'class_word_patterns', 'named_classes', 'prototype_drift', 'thumbnail',
-           'png_uri', 'svg_lines', 'render_report', 'write_report', 'report_parser', 'main']
+           'png_uri', 'svg_lines', 'drift_degrees', 'render_report', 'write_report', 'report_parser', 'main']
 
 # %% ../nbs/14_report.ipynb #4aab7c8f
 import argparse, base64, html, io, json, math, os, re, sys, time
@@ -150,23 +150,35 @@ def png_uri(path, width: int = 560) -> Optional[str]:
     buf = io.BytesIO(); img.quantize(128).save(buf, "PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
-def svg_lines(series: dict, width: int = 420, height: int = 150, title: str = "") -> str:
-    """An inline SVG line chart of {name: (xs, ys)} (one colour each), with its y range and x range written on it."""
+def _ticks(lo: float, hi: float, n: int = 5) -> list:
+    "About `n` round tick values covering [lo, hi]."
+    step = (hi - lo) / max(1, n - 1)
+    mag = 10 ** math.floor(math.log10(step)) if step > 0 else 1
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= step)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [round(first + k * step, 12) for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+def svg_lines(series: dict, width: int = 440, height: int = 180, title: str = "", xlabel: str = "", ylabel: str = "") -> str:
+    """An inline SVG line chart of {name: (xs, ys)} (one colour each) with ticks on both axes and the axes' labels."""
     pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
     if not pts: return ""
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts); y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    L, R, T, B = 44, 8, 18, 22
+    L, R, T, B = 56, 8, 18, 34
     X = lambda x: L + (x - x0) / (x1 - x0) * (width - L - R)
     Y = lambda y: height - B - (y - y0) / (y1 - y0) * (height - T - B)
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
            f'<text x="{L}" y="12" class="ct">{html.escape(title)}</text>',
-           f'<rect x="{L}" y="{T}" width="{width - L - R}" height="{height - T - B}" fill="none" stroke="#bbb"/>',
-           f'<text x="{L - 4}" y="{T + 8}" text-anchor="end" class="ax">{y1:.3g}</text>',
-           f'<text x="{L - 4}" y="{height - B}" text-anchor="end" class="ax">{y0:.3g}</text>',
-           f'<text x="{L}" y="{height - 6}" class="ax">{x0:g}</text>',
-           f'<text x="{width - R}" y="{height - 6}" text-anchor="end" class="ax">{x1:g}</text>']
+           f'<rect x="{L}" y="{T}" width="{width - L - R}" height="{height - T - B}" fill="none" stroke="#bbb"/>']
+    for v in _ticks(y0, y1):   # y ticks: a grid line and its value
+        out += [f'<line x1="{L - 3}" x2="{width - R}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#eee"/>',
+                f'<text x="{L - 5}" y="{Y(v) + 3:.1f}" text-anchor="end" class="ax">{v:.3g}</text>']
+    for v in _ticks(x0, x1):
+        out += [f'<line x1="{X(v):.1f}" x2="{X(v):.1f}" y1="{height - B}" y2="{height - B + 3}" stroke="#888"/>',
+                f'<text x="{X(v):.1f}" y="{height - B + 13}" text-anchor="middle" class="ax">{v:g}</text>']
+    if xlabel: out.append(f'<text x="{(L + width - R) / 2:.0f}" y="{height - 4}" text-anchor="middle" class="al">{html.escape(xlabel)}</text>')
+    if ylabel: out.append(f'<text transform="translate(11 {(T + height - B) / 2:.0f}) rotate(-90)" text-anchor="middle" class="al">{html.escape(ylabel)}</text>')
     for k, (name, (xs, ys)) in enumerate(series.items()):
         p = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in zip(xs, ys) if y is not None and math.isfinite(y))
         c = colours[k % len(colours)]
@@ -186,11 +198,29 @@ section.cls{border:1px solid #ddd;border-radius:6px;padding:10px 12px;margin:12p
 .changed{color:#b00;font-weight:600}.muted{color:#777}.bar{display:flex;height:8px;width:90px;margin:3px 0}
 .bar span:nth-child(1){background:#1f77b4}.bar span:nth-child(2){background:#ff7f0e}.bar span:nth-child(3){background:#2ca02c}
 .legend span{display:inline-block;width:10px;height:10px;margin:0 3px 0 10px}.ct{font-size:12px;font-weight:600}.ax{font-size:10px}
-.note{background:#fff6d5;padding:6px 10px;border-radius:4px}"""
+.note{background:#fff6d5;padding:6px 10px;border-radius:4px}
+.al{font-size:11px;fill:#444}.neg{color:#b00;background:#fde8e8;font-weight:600;padding:0 4px}.pos{color:#070;font-weight:600}
+table.pc{border-collapse:collapse;font-size:12px}table.pc td,table.pc th{padding:2px 10px;text-align:right;border-bottom:1px solid #eee}
+table.pc th{cursor:pointer;background:#f4f4f4}table.pc td:first-child,table.pc th:first-child{text-align:left}
+.prompt{font-family:monospace;font-size:12px;background:#f6f6f6;padding:4px 8px;white-space:pre-wrap}"""
 
 _FILTER_JS = """document.getElementById('filter').addEventListener('change', function () {
   var v = this.value;
   document.querySelectorAll('section.cls').forEach(function (s) { s.style.display = (!v || s.dataset.cls === v) ? '' : 'none'; });
+});"""
+
+_SHOW_JS = """document.getElementById('show').addEventListener('change', function () {
+  var v = this.value;
+  document.querySelectorAll('div.item[data-changed]').forEach(function (d) { d.style.display = (!v || d.dataset[v] === '1') ? '' : 'none'; });
+});"""
+
+_SORT_JS = """document.querySelectorAll('table.pc th').forEach(function (th, col) {
+  th.addEventListener('click', function () {
+    var body = th.closest('table').tBodies[0], rows = Array.prototype.slice.call(body.rows), asc = th.dataset.asc !== '1';
+    rows.sort(function (a, b) { var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
+      var d = (isNaN(x) || isNaN(y)) ? String(x).localeCompare(String(y)) : x - y; return asc ? d : -d; });
+    rows.forEach(function (r) { body.appendChild(r); }); th.dataset.asc = asc ? '1' : '0';
+  });
 });"""
 
 def _e(x) -> str: return html.escape(str(x))
@@ -223,12 +253,15 @@ def _summary(run: Run, calls, share, extra=()) -> str:
             ("c_zs correct on the training images", _pct(m.get("c_zs_train_accuracy")) if m.get("c_zs_train_accuracy") is not None else None),
             ("wall time", _e(f"{m['wall_time_s']:.0f} s") if m.get("wall_time_s") is not None else None),
             ("git commit", _e(m.get("git_commit")) if m.get("git_commit") else None)]
-    out = ["<h2>Summary</h2>", _kv(rows)] + [f'<p class="note">{_e(n)}</p>' for n in run.notes + list(extra)]
+    out = ["<h2>Summary</h2>", _kv(rows)] + [f'<p class="note">{_e(n)}</p>' for n in run.notes + list(extra)] + [_prompts(run)]
     out.append("<h2>Accuracy</h2>")
     if run.labeled:
         out.append(_kv([("test images", _e(m.get("n_test"))), ("zero-shot top-1", _pct(m.get("zeroshot_top1"))),
-                        (f"{m.get('method')} top-1", _pct(m.get("top1"))),
+                        (f"{m.get('method')} top-1" + (f" (WiSE-FT, alpha {cfg.wise_alpha:g})" if m.get("finetuned_top1") is not None else ""), _pct(m.get("top1"))),
+                        ("change from zero-shot", _delta(m.get("top1"), m.get("zeroshot_top1"))),
+                        ("fine-tuned top-1 (alpha 1)", _pct(m.get("finetuned_top1")) if m.get("finetuned_top1") is not None else None),
                         ("paper", _pct(m.get("paper_top1")) if m.get("paper_top1") is not None else None)]))
+        out.append(_per_class_table(run))
         uri = png_uri(run.dir/"figures"/"confusion.png")
         if uri: out.append(f'<h3>Confusion matrix</h3><img alt="confusion matrix" src="{uri}">')
     else:
@@ -244,14 +277,60 @@ def _curves(run: Run) -> str:
     charts = []
     if s:
         x = [r["step"] for r in s]
-        charts.append(svg_lines({"loss": (x, [r.get("loss") for r in s])}, title="loss per logged step"))
+        charts.append(svg_lines({"loss": (x, [r.get("loss") for r in s])}, title="loss per logged step", xlabel="optimizer step", ylabel="loss"))
         if any(r.get("agreement") is not None for r in s):
-            charts.append(svg_lines({"agreement": (x, [r.get("agreement") for r in s])}, title="agreement with c_zs per logged step"))
+            charts.append(svg_lines({"agreement": (x, [r.get("agreement") for r in s])}, title="agreement with c_zs per logged step",
+                                    xlabel="optimizer step", ylabel="share of the batch"))
+        if any(r.get("lr") is not None for r in s):
+            charts.append(svg_lines({"lr": (x, [r.get("lr") for r in s])}, title="learning rate per logged step", xlabel="optimizer step", ylabel="learning rate"))
     if h:
         x = [r.get("epoch", i + 1) for i, r in enumerate(h)]
         ser = {k: (x, [r.get(k) for r in h]) for k in ("agreement", "label_accuracy") if any(r.get(k) is not None for r in h)}
-        if ser: charts.append(svg_lines(ser, title="per epoch"))
+        if ser: charts.append(svg_lines(ser, title="per epoch", xlabel="epoch", ylabel="share of the training images"))
+    charts.append(_eval_chart(run.metrics))
     return out[0] + "".join(charts)
+
+# %% ../nbs/14_report.ipynb #739de0f8
+def _eval_chart(m: dict) -> str:
+    "Test top-1 per evaluation while training, and the zero-shot top-1 as a flat line ('' without evaluations)."
+    ev = m.get("eval_history") or []
+    if not ev: return ""
+    x = [r["step"] for r in ev]
+    ser = {"test top-1": (x, [r["top1"] for r in ev])}
+    if m.get("zeroshot_top1") is not None: ser["zero-shot"] = ([0] + x, [m["zeroshot_top1"]] * (len(x) + 1))
+    return svg_lines(ser, title="test top-1 (%) while training (monitoring only)", xlabel="optimizer step", ylabel="top-1 (%)")
+
+# %% ../nbs/14_report.ipynb #a0f3fe67
+def _delta(a, b) -> Optional[str]:
+    "The signed difference a - b in points, highlighted when negative (None when either is missing)."
+    if a is None or b is None: return None
+    d = a - b
+    return f'<span class="{"neg" if d < 0 else "pos"} delta">{d:+.2f} points</span>'
+
+def _per_class_table(run: Run) -> str:
+    "Per class: zero-shot and final test accuracy and their difference, a table sortable by any column."
+    m, names = run.metrics, run.classnames
+    zs, fin = m.get("zeroshot_per_class"), m.get("per_class")
+    if not fin: return ""
+    cell = lambda v, fmt: f'<td data-v="{"" if v is None else v}">{"-" if v is None else fmt(v)}</td>'
+    rows = []
+    for c, name in enumerate(names):
+        z = zs[c] if zs and c < len(zs) else None
+        f = fin[c] if c < len(fin) else None
+        d = None if z is None or f is None else f - z
+        rows.append(f'<tr><td data-v="{_e(name)}">{_e(name)}</td>' + cell(z, lambda v: f"{v:.2f}") + cell(f, lambda v: f"{v:.2f}")
+                    + (f'<td data-v="{d}" class="{"neg" if d < 0 else ""}">{d:+.2f}</td>' if d is not None else '<td data-v="">-</td>') + "</tr>")
+    return ('<h3>Per class (click a header to sort)</h3><table class="pc" id="per-class"><thead><tr><th>class</th><th>zero-shot top-1 (%)</th>'
+            '<th>final top-1 (%)</th><th>change (points)</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+
+def _prompts(run: Run) -> str:
+    "The distinct prompts sent to the LMM, with how many requests each (nothing when the run used no descriptions)."
+    if run.work is None: return ""
+    counts = {}
+    for it in run.work.unique(): counts[(it.kind, it.prompt)] = counts.get((it.kind, it.prompt), 0) + 1
+    items = sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1]))
+    return ("<h3>Prompts sent to the LMM</h3>" + "".join(f'<p><span class="muted">{_e(kind)}, {n} request(s):</span>'
+                                                       f'<br><span class="prompt">{_e(p)}</span></p>' for (kind, p), n in items))
 
 # %% ../nbs/14_report.ipynb #fa49e581
 def _predictions(run: Run, shown: list, images: dict, device=None):
@@ -275,7 +354,7 @@ def _class_section(run: Run, c: int, members: list, shown: list, images: dict, p
             moved = (rec["c_ft"][seen] != run.c_zs[seen]).float().mean().item()
             stats.append(("c_ft at the last epoch differs from c_zs", _e(f"{100 * moved:.1f} % of {len(seen)}")))
     if rec is not None and "prototypes_end" in rec:
-        stats.append(("prototype drift (cosine start / end)", _e(f"{prototype_drift(rec['prototypes_start'][c:c + 1], rec['prototypes_end'][c:c + 1]).item():.6f}")))
+        stats.append(("prototype drift (angle between start and end)", _e(f"{drift_degrees(prototype_drift(rec['prototypes_start'][c:c + 1], rec['prototypes_end'][c:c + 1]).item()):.2f}°")))
     if run.texts is not None and run.texts.image and n:
         k = sum(c in named_classes(run.texts.image[i], pats) for i in members)
         stats.append(("image descriptions naming this class", _e(f"{100 * k / n:.1f} %")))
@@ -288,10 +367,14 @@ def _class_section(run: Run, c: int, members: list, shown: list, images: dict, p
         if run.texts is not None and run.texts.image: lines.append(f"&ldquo;{_e(run.texts.image[i])}&rdquo;")
         if rec is not None and rec["epoch"][i] >= 0:
             lines.append(_bar(rec["weights_zs"][i].tolist()) + f'<span class="muted">c_ft {_e(names[int(rec["c_ft"][i])])} (epoch {int(rec["epoch"][i]) + 1})</span>')
+        marks = ""
         if preds is not None:
             p = preds[i]
             lines.append(f'fine-tuned: <span class="changed">{_e(names[p])} (changed)</span>' if p != c else f"fine-tuned: {_e(names[p])} (same)")
-        out.append(f'<div class="item"><img class="thumb" alt="{_e(run.split.ids[i])}" src="{thumbnail(images[i])}"><div>{"<br>".join(lines)}</div></div>')
+            wrong = run.split.labels is not None and p != run.split.labels[i]
+            if wrong: lines[-1] += ' <span class="neg">wrong</span>'
+            marks = f' data-changed="{int(p != c)}" data-wrong="{int(wrong)}"'
+        out.append(f'<div class="item"{marks}><img class="thumb" alt="{_e(run.split.ids[i])}" src="{thumbnail(images[i])}"><div>{"<br>".join(lines)}</div></div>')
     out.append("</div>")
     if groups:
         out.append('<div class="items">')
@@ -306,6 +389,26 @@ def _collage(run: Run, g):
     from latteclip_nb.collage import make_collage
     from latteclip_nb.data import load_image
     return make_collage([load_image(run.split.root/run.split.ids[m]) for m in g.members], size=192, gap=6)
+
+# %% ../nbs/14_report.ipynb #1b686225
+def drift_degrees(cos: float) -> float:
+    """The angle in degrees whose cosine is `cos` (clamped to [-1, 1])."""
+    return math.degrees(math.acos(max(-1.0, min(1.0, float(cos)))))
+
+def _changed_first(run: Run, by_class: list, order: list, k: int, device=None) -> tuple:
+    "({class: the k images to show, changed first, then wrong}, {image: fine-tuned class}) from the exported classifier."
+    from latteclip_nb.data import load_image
+    from latteclip_nb.train import load_classifier
+    clf = load_classifier(run.classifier_dir, device=device or "cpu")
+    cand = {c: by_class[c][:max(32, 8 * k)] for c in order}
+    flat = [i for c in order for i in cand[c]]
+    preds = {}
+    for j in range(0, len(flat), 256):
+        part = flat[j:j + 256]
+        preds.update(zip(part, clf.predict([load_image(run.split.root/run.split.ids[i]) for i in part]).tolist()))
+    labels = run.split.labels
+    key = lambda c: lambda i: (preds[i] == c, labels is None or preds[i] == labels[i], i)
+    return {c: sorted(cand[c], key=key(c))[:k] for c in order}, preds
 
 # %% ../nbs/14_report.ipynb #a8d47656
 def render_report(run: Run, images_per_class: int = 4, groups_per_class: int = 2, predict: bool = True, device=None,
@@ -327,9 +430,10 @@ def render_report(run: Run, images_per_class: int = 4, groups_per_class: int = 2
         if run.record is None: return members[:images_per_class]
         return sorted(members, key=lambda i: (run.record["epoch"][i].item() != last, i))[:images_per_class]
     shown = {c: pick(by_class[c]) for c in order}
+    preds = None
+    if predict and run.classifier_dir is not None:   # the images training changed, then those it gets wrong, first
+        shown, preds = _changed_first(run, by_class, order, images_per_class, device)
     images = {i: load_image(run.split.root/run.split.ids[i]) for c in order for i in shown[c]}
-    flat = [i for c in order for i in shown[c]]
-    preds = _predictions(run, flat, images, device) if predict else None
     groups = {c: [] for c in order}
     if run.texts is not None and run.work is not None:
         for g, text in zip(run.work.groups, run.texts.group):
@@ -350,12 +454,14 @@ def render_report(run: Run, images_per_class: int = 4, groups_per_class: int = 2
                else f"a {m.get('method')} run does not train on zero-shot labels of training images")
         body.append(f'<p class="note">No per-class view: {_e(why)}.</p>')
     else:
-        body.append('<p><label>class <select id="filter"><option value="">all classes</option>' + options + "</select></label>"
-                    '<span class="legend">mixer weights: <span style="background:#1f77b4"></span>class'
+        body.append('<p><label>class <select id="filter"><option value="">all classes</option>' + options + "</select></label> "
+                    + ('<label>images <select id="show"><option value="">all</option><option value="changed">changed by training</option>'
+                       '<option value="wrong">wrong after training</option></select></label>' if preds is not None else "")
+                    + '<span class="legend">mixer weights: <span style="background:#1f77b4"></span>class'
                     '<span style="background:#ff7f0e"></span>image<span style="background:#2ca02c"></span>group</span></p>')
         body += [_class_section(run, c, by_class[c], shown[c], images, preds, pats, groups[c]) for c in order]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + _e(title) + "</title><style>" + _CSS
-            + "</style></head><body>\n" + "\n".join(body) + "\n<script>" + (_FILTER_JS if run.c_zs is not None else "")
+            + "</style></head><body>\n" + "\n".join(body) + "\n<script>" + (_FILTER_JS if run.c_zs is not None else "") + (_SHOW_JS if preds is not None else "") + _SORT_JS
             + "</script></body></html>\n")
 
 def write_report(run_dir, out=None, **kw) -> Path:

@@ -21,7 +21,8 @@ _CHOICES = dict(method=METHODS, group_sampling=("class", "own"), text_grad=("exa
                 ft_ablation=("drop_term", "zero_loss"), proto_update=("target", "mix"), mixer=MIXERS,
                 augment=("worker", "device"))
 # fields that do not change the numbers: a checkpoint written under other values still resumes
-_FREE_FIELDS = {"ckpt_every", "num_workers", "log_every", "resume", "keep_checkpoint", "model_name", "pretrained", "deterministic"}
+_FREE_FIELDS = {"ckpt_every", "num_workers", "log_every", "resume", "keep_checkpoint", "model_name", "pretrained", "deterministic",
+                "eval_every", "keep_checkpoints"}
 
 @dataclass
 class TrainConfig:
@@ -63,6 +64,9 @@ class TrainConfig:
     deterministic: bool = False    # deterministic kernels (set_deterministic): bitwise resume on CUDA too, slower steps
     augment: str = "worker"        # worker: the whole train transform in the loader | device: uint8 crops, the rest batched on the device (views)
     image_cache: bool = False      # decode each training image once into a content-keyed uint8 file (views.ImageCache)
+    eval_every: int = 0            # with an evaluator: evaluate every N steps (-1: once per epoch; 0: never); monitoring only
+    keep_checkpoints: int = 0      # K > 0: keep the checkpoints of the last K saves (checkpoint-<step>.pt) and the final one
+    stop_after: int = 0            # N > 0: stop after N steps of the full schedule (max_steps compresses the schedule instead)
 
     def __post_init__(self): self.check()
 
@@ -79,6 +83,8 @@ class TrainConfig:
         if self.num_workers < -1: raise ValueError(f"TrainConfig.num_workers={self.num_workers} must be >= 0, or -1 for a share of the CPU cores")
         if self.warmup_steps < 0 or self.ckpt_every < 0 or self.released_workers < 0:
             raise ValueError("warmup_steps, ckpt_every and released_workers must be >= 0")
+        if self.eval_every < -1 or self.keep_checkpoints < 0 or self.stop_after < 0:
+            raise ValueError(f"eval_every={self.eval_every} (>= -1), keep_checkpoints={self.keep_checkpoints} and stop_after={self.stop_after} (>= 0) are out of range")
         if self.max_steps is not None and self.max_steps < 1: raise ValueError(f"max_steps={self.max_steps}: use None (no cap) or >= 1")
         for name in ("alpha", "momentum"):
             if not 0 <= getattr(self, name) <= 1: raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must lie in [0, 1]")

@@ -137,7 +137,7 @@ def test_classifier_folder_has_a_model_card_and_no_local_path(tracked, world):
         return [x] if isinstance(x, str) else []
     assert not [s for s in strings(meta) if s.startswith("/") or str(root) in s]
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: open_clip\n") and "# CLIP classifier for dtd" in card
+    assert card.startswith("---\n") and "\nlibrary_name: open_clip\n" in card.split("\n---\n")[0] and "# CLIP classifier for dtd" in card
     assert ", ".join(meta["classnames"]) in card and m["captioner"] in card and "| recipe | reference |" in card
     assert f"| top-1, this model | {m['top1']:.2f} % |" in card and f"| test images | {m['n_test']} |" in card
 
