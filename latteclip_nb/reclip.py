@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ReclipConfig', 'reclip_epochs', 'project', 'knn_graph', 'feature_fingerprint', 'GraphCache', 'conjugate_gradient',
            'Propagation', 'propagate', 'class_centroids', 'branch_pseudo_labels', 'vision_norm_params',
-           'text_norm_params', 'make_branch', 'run_reclip', 'reclip_templates']
+           'text_norm_params', 'make_branch', 'ReclipRun', 'run_reclip', 'reclip_templates']
 
 # %% ../nbs/11_reclip.ipynb #20ea6fc0
 import copy, math, time
@@ -239,129 +239,187 @@ def _accuracy(preds: torch.Tensor, labels, num_classes: int) -> tuple[float | No
     return hit.mean().item(), [hit[y == c].mean().item() if (y == c).any() else math.nan for c in range(num_classes)]
 
 # %% ../nbs/11_reclip.ipynb #801c0f23
+@dataclass
+class ReclipRun:
+    """One ReCLIP run in progress: its two branches and optimizers, the text classifiers, the centroids and the counts."""
+    cfg: ReclipConfig
+    device: torch.device
+    key: dict              # what the run's checkpoint and result belong to
+    v_model: nn.Module     # ReCLIP-V: the vision tower trained against the centroids
+    v_params: dict
+    t_model: nn.Module     # ReCLIP-T: the text tower trained against the frozen image features
+    t_params: dict
+    opt_v: torch.optim.Optimizer
+    opt_t: torch.optim.Optimizer
+    text_zs: torch.Tensor  # the pretrained text classifier over all templates (ReCLIP-V's labels)
+    text_t: torch.Tensor   # ReCLIP-T's current text classifier
+    centroids: torch.Tensor
+    feats_t: torch.Tensor  # the frozen pretrained image features ReCLIP-T labels
+    label_ds: ImageDataset
+    train_ds: ImageDataset
+    train_labels: torch.Tensor | None  # for the history's pseudo-label accuracies only
+    enc: dict              # encode_images arguments
+    graphs: GraphCache
+    first: list            # the first template's prompt per class (ReCLIP-T's classifier)
+    epoch: int = 0
+    step: int = 0
+    history: list = None
+
+def _check_reclip_inputs(C: int, N: int, templates):
+    if C < 2: raise ValueError(f"ReCLIP needs at least 2 classes, got {C}")
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"templates must be a non-empty list of strings with '{{}}' for the class name, got {templates!r}")
+    if N < 2: raise ValueError(f"ReCLIP needs at least 2 training images, got {N}")
+
+def _finished(out, key: dict, result_key: dict) -> dict | None:
+    "The result a finished run left in `out` for this configuration (None when there is none; another one's stops)."
+    if not (out and (out/"result.json").exists()): return None
+    res = read_json(out/"result.json")
+    if res.get("key") == result_key:
+        log.info("reclip: %s is finished, returning its result", out); return res
+    if {k: v for k, v in res.get("key", {}).items() if k != "max_steps"} != key:
+        raise ValueError(f"{out/'result.json'} belongs to another ReCLIP configuration; delete it or choose another out_dir")
+    return None
+
+def _start_reclip(model, tokenizer, train_transform, eval_transform, train_split, classnames, templates, cfg, key, device) -> ReclipRun:
+    "The two branches, their optimizers and the pretrained classifiers and image features a run starts from."
+    v_model, v_params = make_branch(model, "vision", device)
+    t_model, t_params = make_branch(model, "text", device)
+    text_zs = text_classifier(t_model, tokenizer, classnames, templates, device=device).float().to(device)  # pretrained, all templates
+    sgd = lambda params: torch.optim.SGD(params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt_v, opt_t = sgd(v_params), sgd(t_params)
+    label_ds = ImageDataset(train_split, eval_transform)
+    train_ds = ImageDataset(train_split, train_transform if cfg.augment else eval_transform)
+    enc = dict(batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, device=device)
+    feats_t = encode_images(t_model, label_ds, **enc).float().to(device)  # frozen pretrained image tower: constant
+    train_labels = None if train_split.labels is None else torch.as_tensor(train_split.labels, device=device)
+    return ReclipRun(cfg, device, key, v_model, v_params, t_model, t_params, opt_v, opt_t, text_zs, text_zs.clone(),
+                     text_zs.clone(), feats_t, label_ds, train_ds, train_labels, enc,
+                     GraphCache(size=2),  # a branch whose nodes did not change (the first epoch's ReCLIP-T) reuses its graph
+                     [templates[0].format(c) for c in classnames], history=[])
+
+def _resume_reclip(run: ReclipRun, ckpt: Path):
+    "Load the branches, optimizers, classifiers and counts a checkpoint of this configuration holds."
+    st = torch.load(ckpt, map_location=run.device, weights_only=True)
+    if st["key"] != run.key:
+        raise ValueError(f"{ckpt} belongs to another ReCLIP configuration; delete it or choose another out_dir")
+    for params, saved in ((run.v_params, st["v_params"]), (run.t_params, st["t_params"])):
+        with torch.no_grad():
+            for n, p in params.items(): p.copy_(saved[n])
+    run.opt_v.load_state_dict(st["opt_v"]); run.opt_t.load_state_dict(st["opt_t"])
+    run.text_t, run.centroids = st["text_t"], st["centroids"]
+    run.epoch, run.step, run.history = st["epoch"], st["step"], st["history"]
+    log.info("reclip: resuming %s at epoch %d", ckpt, run.epoch)
+
+def _save_reclip(run: ReclipRun, ckpt: Path):
+    atomic_torch_save({"key": run.key, "epoch": run.epoch, "step": run.step, "history": run.history, "text_t": run.text_t,
+                       "centroids": run.centroids, "v_params": {n: p.detach() for n, p in run.v_params.items()},
+                       "t_params": {n: p.detach() for n, p in run.t_params.items()},
+                       "opt_v": run.opt_v.state_dict(), "opt_t": run.opt_t.state_dict()}, ckpt)
+
+def _label_pass(run: ReclipRun, text_branch: bool = True):
+    "Each branch's pseudo-labels and confidences (and ReCLIP-V's new centroids) from the current towers."
+    cfg = run.cfg
+    feats_v = encode_images(run.v_model, run.label_ds, **run.enc).float().to(run.device)
+    lab_v, conf_v, cents = branch_pseudo_labels(feats_v, run.text_zs, cfg, run.centroids, run.graphs)
+    if not text_branch: return lab_v, conf_v, cents, None, None
+    lab_t, conf_t, _ = branch_pseudo_labels(run.feats_t, run.text_t, cfg, graphs=run.graphs)
+    return lab_v, conf_v, cents, lab_t, conf_t
+
+def _pass_record(run: ReclipRun, lab_v, conf_v, lab_t, conf_t, agree) -> dict:
+    "An epoch's history record of its label pass: agreement, confidences, and (with labels) pseudo-label accuracies."
+    rec = {"epoch": run.epoch + 1, "agree": agree.float().mean().item(), "conf_v": conf_v.mean().item(), "conf_t": conf_t.mean().item()}
+    y = run.train_labels
+    if y is not None:
+        rec.update(pl_acc_v=(lab_v == y).float().mean().item(), pl_acc_t=(lab_t == y).float().mean().item(),
+                   pl_acc_agree=(lab_v == y)[agree].float().mean().item() if agree.any() else None)
+    return rec
+
+def _reclip_step(run: ReclipRun, tokenizer, images, idx, agree, lab_v, lab_t):
+    "One SGD step of both branches on the batch's images whose two pseudo-labels agree: (loss_v, loss_t), or None."
+    cfg, device = run.cfg, run.device
+    idx = torch.as_tensor(idx, device=device)
+    mask = agree[idx]
+    if not mask.any(): return None
+    images = images.to(device)
+    y_v, y_t = lab_v[idx][mask], lab_t[idx][mask]
+    logits_v = cfg.logit_scale * F.normalize(run.v_model.encode_image(images[mask]), dim=-1) @ run.centroids.T
+    loss_v = F.cross_entropy(logits_v, y_v)
+    if cfg.reference_v_loss: loss_v = loss_v / len(idx)
+    if cfg.augment:
+        with torch.no_grad(): img_t = F.normalize(run.t_model.encode_image(images[mask]), dim=-1)
+    else: img_t = run.feats_t[idx][mask]
+    logits_t = cfg.logit_scale * img_t @ _encode_prompts(run.t_model, tokenizer, run.first, device).T
+    loss_t = F.cross_entropy(logits_t, y_t)
+    run.opt_v.zero_grad(set_to_none=True); run.opt_t.zero_grad(set_to_none=True)
+    (loss_v + loss_t).backward()  # disjoint parameters: the same as two separate backward passes
+    run.opt_v.step(); run.opt_t.step()
+    run.step += 1
+    return loss_v.item(), loss_t.item()
+
+def _reclip_epoch(run: ReclipRun, tokenizer, classnames, templates, epochs: int) -> dict:
+    "One epoch: label both branches, train on the samples they agree on, renew ReCLIP-T's classifier; its history record."
+    cfg, t0 = run.cfg, time.perf_counter()
+    lab_v, conf_v, run.centroids, lab_t, conf_t = _label_pass(run)
+    agree = (lab_v == lab_t) & (lab_v >= 0)
+    rec = _pass_record(run, lab_v, conf_v, lab_t, conf_t, agree)
+    loader = DataLoader(run.train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                        collate_fn=collate_skip, generator=torch.Generator().manual_seed(cfg.seed + run.epoch))
+    losses_v, losses_t = [], []
+    bar = progress_bar(loader, desc=f"reclip epoch {run.epoch + 1}/{epochs}", leave=False)
+    for batch in bar:
+        if batch is None: continue
+        losses = _reclip_step(run, tokenizer, *batch, agree, lab_v, lab_t)
+        if losses is None: continue
+        losses_v.append(losses[0]); losses_t.append(losses[1])
+        bar.set_postfix(loss_v=f"{losses_v[-1]:.3f}", loss_t=f"{losses_t[-1]:.3f}", agree=f"{rec['agree']:.2f}")
+        if cfg.max_steps is not None and run.step >= cfg.max_steps: break
+    with torch.no_grad():
+        run.text_t = text_classifier(run.t_model, tokenizer, classnames, templates, device=run.device).float().to(run.device)
+    rec.update(steps=run.step, loss_v=sum(losses_v) / max(len(losses_v), 1), loss_t=sum(losses_t) / max(len(losses_t), 1),
+               seconds=time.perf_counter() - t0)
+    return rec
+
+def _evaluate_reclip(run: ReclipRun, tokenizer, eval_transform, test_split, C: int, epochs: int) -> dict:
+    "The final classifiers (ReCLIP-V's centroids, ReCLIP-T's first-template embeddings) and their average on `test_split`."
+    cfg, device = run.cfg, run.device
+    _, _, centroids, _, _ = _label_pass(run, text_branch=False)
+    test_ds = ImageDataset(test_split, eval_transform)
+    with torch.no_grad():
+        logits_v = cfg.logit_scale * encode_images(run.v_model, test_ds, **run.enc).float().to(device) @ centroids.T
+        logits_t = cfg.logit_scale * encode_images(run.t_model, test_ds, **run.enc).float().to(device) @ \
+            _encode_prompts(run.t_model, tokenizer, run.first, device).float().T
+    bad = sorted(test_ds.bad)  # unreadable test images count as wrong (prediction -1), as in zero_shot_eval
+    preds, preds_v, preds_t = (l.argmax(1).cpu() for l in ((logits_v + logits_t) / 2, logits_v, logits_t))
+    for p in (preds, preds_v, preds_t): p[bad] = -1
+    top1, per_class = _accuracy(preds, test_split.labels, C)
+    return {"top1": top1, "per_class": per_class, "preds": preds.tolist(), "history": run.history,
+            "labels": None if test_split.labels is None else list(test_split.labels),
+            "top1_v": _accuracy(preds_v, test_split.labels, C)[0], "top1_t": _accuracy(preds_t, test_split.labels, C)[0],
+            "epochs": epochs, "steps": run.step}
+
 def run_reclip(model, tokenizer, train_transform, eval_transform, train_split, test_split, classnames, templates,
                cfg: ReclipConfig | None = None, device=None) -> dict:
     """Train ReCLIP on `train_split` without labels and evaluate on `test_split` -> dict(top1, per_class, preds, history)."""
     cfg = cfg or ReclipConfig()
     device = get_device(device)
     C, N = len(classnames), len(train_split)
-    if C < 2: raise ValueError(f"ReCLIP needs at least 2 classes, got {C}")
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"templates must be a non-empty list of strings with '{{}}' for the class name, got {templates!r}")
-    if N < 2: raise ValueError(f"ReCLIP needs at least 2 training images, got {N}")
+    _check_reclip_inputs(C, N, templates)
     seed_everything(cfg.seed)
     epochs = cfg.epochs if cfg.epochs is not None else reclip_epochs(N)
     key = _state_key(cfg, N, classnames, templates)
     out = Path(cfg.out_dir) if cfg.out_dir else None
     result_key = {**key, "max_steps": cfg.max_steps}
-    if out and (out/"result.json").exists():
-        res = read_json(out/"result.json")
-        if res.get("key") == result_key:
-            log.info("reclip: %s is finished, returning its result", out); return res
-        if {k: v for k, v in res.get("key", {}).items() if k != "max_steps"} != key:
-            raise ValueError(f"{out/'result.json'} belongs to another ReCLIP configuration; delete it or choose another out_dir")
-
-    v_model, v_params = make_branch(model, "vision", device)
-    t_model, t_params = make_branch(model, "text", device)
-    text_zs = text_classifier(t_model, tokenizer, classnames, templates, device=device).float().to(device)  # pretrained, all templates
-    text_t, centroids = text_zs.clone(), text_zs.clone()
-    first = [templates[0].format(c) for c in classnames]
-    opt_v = torch.optim.SGD(v_params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    opt_t = torch.optim.SGD(t_params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    label_ds = ImageDataset(train_split, eval_transform)
-    train_ds = ImageDataset(train_split, train_transform if cfg.augment else eval_transform)
-    enc = dict(batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, device=device)
-    feats_t = encode_images(t_model, label_ds, **enc).float().to(device)  # frozen pretrained image tower: constant
-    train_labels = None if train_split.labels is None else torch.as_tensor(train_split.labels, device=device)
-
-    start, step, history = 0, 0, []
+    if (done := _finished(out, key, result_key)) is not None: return done
+    run = _start_reclip(model, tokenizer, train_transform, eval_transform, train_split, classnames, templates, cfg, key, device)
     ckpt = out/"state.pt" if out else None
-    if ckpt and ckpt.exists():
-        st = torch.load(ckpt, map_location=device, weights_only=True)
-        if st["key"] != key:
-            raise ValueError(f"{ckpt} belongs to another ReCLIP configuration; delete it or choose another out_dir")
-        for params, saved in ((v_params, st["v_params"]), (t_params, st["t_params"])):
-            with torch.no_grad():
-                for n, p in params.items(): p.copy_(saved[n])
-        opt_v.load_state_dict(st["opt_v"]); opt_t.load_state_dict(st["opt_t"])
-        text_t, centroids = st["text_t"], st["centroids"]
-        start, step, history = st["epoch"], st["step"], st["history"]
-        log.info("reclip: resuming %s at epoch %d", ckpt, start)
-
-    graphs = GraphCache(size=2)  # a branch whose nodes did not change (the first epoch's ReCLIP-T) reuses its graph
-
-    def label_pass(text_branch: bool = True):
-        feats_v = encode_images(v_model, label_ds, **enc).float().to(device)
-        lab_v, conf_v, cents = branch_pseudo_labels(feats_v, text_zs, cfg, centroids, graphs)
-        if not text_branch: return lab_v, conf_v, cents, None, None
-        lab_t, conf_t, _ = branch_pseudo_labels(feats_t, text_t, cfg, graphs=graphs)
-        return lab_v, conf_v, cents, lab_t, conf_t
-
-    for epoch in range(start, epochs):
-        if cfg.max_steps is not None and step >= cfg.max_steps: break
-        t0 = time.perf_counter()
-        lab_v, conf_v, centroids, lab_t, conf_t = label_pass()
-        agree = (lab_v == lab_t) & (lab_v >= 0)
-        rec = {"epoch": epoch + 1, "agree": agree.float().mean().item(),
-               "conf_v": conf_v.mean().item(), "conf_t": conf_t.mean().item()}
-        if train_labels is not None:
-            rec.update(pl_acc_v=(lab_v == train_labels).float().mean().item(),
-                       pl_acc_t=(lab_t == train_labels).float().mean().item(),
-                       pl_acc_agree=(lab_v == train_labels)[agree].float().mean().item() if agree.any() else None)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                            collate_fn=collate_skip, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        losses_v, losses_t = [], []
-        bar = progress_bar(loader, desc=f"reclip epoch {epoch + 1}/{epochs}", leave=False)
-        for batch in bar:
-            if batch is None: continue
-            images, idx = batch
-            idx = torch.as_tensor(idx, device=device)
-            mask = agree[idx]
-            if not mask.any(): continue
-            images = images.to(device)
-            y_v, y_t = lab_v[idx][mask], lab_t[idx][mask]
-            logits_v = cfg.logit_scale * F.normalize(v_model.encode_image(images[mask]), dim=-1) @ centroids.T
-            loss_v = F.cross_entropy(logits_v, y_v)
-            if cfg.reference_v_loss: loss_v = loss_v / len(idx)
-            if cfg.augment:
-                with torch.no_grad(): img_t = F.normalize(t_model.encode_image(images[mask]), dim=-1)
-            else: img_t = feats_t[idx][mask]
-            logits_t = cfg.logit_scale * img_t @ _encode_prompts(t_model, tokenizer, first, device).T
-            loss_t = F.cross_entropy(logits_t, y_t)
-            opt_v.zero_grad(set_to_none=True); opt_t.zero_grad(set_to_none=True)
-            (loss_v + loss_t).backward()  # disjoint parameters: the same as two separate backward passes
-            opt_v.step(); opt_t.step()
-            step += 1
-            losses_v.append(loss_v.item()); losses_t.append(loss_t.item())
-            bar.set_postfix(loss_v=f"{losses_v[-1]:.3f}", loss_t=f"{losses_t[-1]:.3f}", agree=f"{rec['agree']:.2f}")
-            if cfg.max_steps is not None and step >= cfg.max_steps: break
-        with torch.no_grad():
-            text_t = text_classifier(t_model, tokenizer, classnames, templates, device=device).float().to(device)
-        rec.update(steps=step, loss_v=sum(losses_v) / max(len(losses_v), 1), loss_t=sum(losses_t) / max(len(losses_t), 1),
-                   seconds=time.perf_counter() - t0)
-        history.append(rec)
-        log.info("reclip epoch %d/%d: %s", epoch + 1, epochs, rec)
-        if ckpt:
-            atomic_torch_save({"key": key, "epoch": epoch + 1, "step": step, "history": history, "text_t": text_t, "centroids": centroids,
-                               "v_params": {n: p.detach() for n, p in v_params.items()},
-                               "t_params": {n: p.detach() for n, p in t_params.items()},
-                               "opt_v": opt_v.state_dict(), "opt_t": opt_t.state_dict()}, ckpt)
-
-    # final classifiers: ReCLIP-V's centroids from the trained vision branch; ReCLIP-T's first-template embeddings
-    _, _, centroids, _, _ = label_pass(text_branch=False)
-    test_ds = ImageDataset(test_split, eval_transform)
-    with torch.no_grad():
-        logits_v = cfg.logit_scale * encode_images(v_model, test_ds, **enc).float().to(device) @ centroids.T
-        logits_t = cfg.logit_scale * encode_images(t_model, test_ds, **enc).float().to(device) @ \
-            _encode_prompts(t_model, tokenizer, first, device).float().T
-    bad = sorted(test_ds.bad)  # unreadable test images count as wrong (prediction -1), as in zero_shot_eval
-    preds, preds_v, preds_t = (l.argmax(1).cpu() for l in ((logits_v + logits_t) / 2, logits_v, logits_t))
-    for p in (preds, preds_v, preds_t): p[bad] = -1
-    top1, per_class = _accuracy(preds, test_split.labels, C)
-    res = {"top1": top1, "per_class": per_class, "preds": preds.tolist(), "history": history,
-           "labels": None if test_split.labels is None else list(test_split.labels),
-           "top1_v": _accuracy(preds_v, test_split.labels, C)[0], "top1_t": _accuracy(preds_t, test_split.labels, C)[0],
-           "epochs": epochs, "steps": step}
+    if ckpt and ckpt.exists(): _resume_reclip(run, ckpt)
+    while run.epoch < epochs and not (cfg.max_steps is not None and run.step >= cfg.max_steps):
+        rec = _reclip_epoch(run, tokenizer, classnames, templates, epochs)
+        run.history.append(rec); run.epoch += 1
+        log.info("reclip epoch %d/%d: %s", run.epoch, epochs, rec)
+        if ckpt: _save_reclip(run, ckpt)
+    res = _evaluate_reclip(run, tokenizer, eval_transform, test_split, C, epochs)
     if out: atomic_write_json(out/"result.json", {**res, "key": result_key})
     return res
 
