@@ -180,6 +180,8 @@ def describe_dataset(
     log.info(f"{spec.name}: {len(items)} captions by {model}, {len(items) - len(todo)} known or in other shards, "
              f"{len(todo)} to do in shard {shard}/{num_shards}")
     if todo and not read_only:
+        missing = sum(not store.done(it.key(model)) for it in items) if store is not None else len(items)
+        claim_sharding(out_dir, items, model, num_shards, missing)   # another --num-shards on this unfinished job: refused
         if store is not None: store.close()
         # the shard's lock is held only while there is work; a second run of the same shard waits, then finds it done
         with CaptionStore(out_dir, shard=shard, wait=wait) as writer:
@@ -201,6 +203,7 @@ def describe_dataset(
         if num_shards == 1 or barrier is not None: raise RuntimeError(f"{msg} after a complete run; rerun to retry them")
         log.info(f"{msg}; this shard is complete, the others are not yet: run them, then rerun any shard to merge")
         return None
+    if not read_only: release_sharding(out_dir, items, model)
     s = texts.stats
     bad = [f"{s[k][f]} {'over-long' if f == 'too_long' else f} {k}" for k in ("image", "group") for f in ("empty", "too_long") if s[k][f]]
     if s["unreadable"]: bad.append(f"{s['unreadable']} unreadable-image")
