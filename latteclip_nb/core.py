@@ -264,7 +264,7 @@ def in_flags(msg: str,
              flags: dict,   # argument name -> the flag that sets it, e.g. {"classes_file": "--classes-file"}
              switches=(),   # names of on/off flags written --name / --no-name
             ) -> str:
-    """`msg` with `name=value` written `--flag value`, and bare underscored names (`server_url`) as their flag."""
+    """`msg` with `name=value` written `--flag value`, and bare underscored names (`server_url`) as their flag (code examples `f(a, name=v)` kept)."""
     def one(m):
         name, v = m.group(1), m.group(2)
         if v is None: return flags[name]
@@ -275,7 +275,7 @@ def in_flags(msg: str,
             v = v.lower()
         return f"{flags[name]} {v}" if v else flags[name]
     names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
-    msg = re.sub(rf"(?<![\w./<-])({names})=('[^']*'|\"[^\"]*\"|[^\s,;()]+)", one, msg)
+    msg = re.sub(rf"(?<![\w./<-])(?<!\()(?<!, )({names})=('[^']*'|\"[^\"]*\"|[^\s,;()]+)", one, msg)
     bare = "|".join(sorted((re.escape(n) for n in flags if "_" in n), key=len, reverse=True))
     return re.sub(rf"(?<![\w./<-])({bare})(?![\w/=>-])", lambda m: flags[m.group(1)], msg) if bare else msg
 
@@ -292,9 +292,9 @@ def check_cache() -> Path:
     fix = "point LATTECLIP_CACHE at a writable folder (or unset it for ~/.cache/latteclip_nb)"
     probe = root
     while not probe.exists() and probe != probe.parent: probe = probe.parent
-    if not probe.is_dir(): raise NotADirectoryError(errno.ENOTDIR, f"{what}: {probe} is a file, not a folder; {fix}")
+    if not probe.is_dir(): raise NotADirectoryError(f"{what}: {probe} is a file, not a folder; {fix}")
     try: fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-test-"); os.close(fd); os.unlink(tmp)
-    except OSError as e: raise OSError(e.errno, f"{what} is not writable ({probe}: {e.strerror}); {fix}") from None
+    except OSError as e: raise PermissionError(f"{what} is not writable ({probe}: {e.strerror}); {fix}") from None
     return root
 
 # %% ../nbs/00_core.ipynb #aacc8b12
