@@ -91,7 +91,7 @@ def check_model(model: str, pretrained):
                          "open_clip.list_models() lists all")
     if model.startswith(("hf-hub:", "local-dir:")):   # these folders carry their own weights: nothing to pass as pretrained
         if pretrained not in (None, "", "none"):
-            raise ValueError(f"{model} carries its own weights: drop pretrained={pretrained!r} (--pretrained)")
+            raise ValueError(f"{model} carries its own weights: drop pretrained={pretrained!r}")
         folder = Path(model[len("local-dir:"):]).expanduser()
         if model.startswith("local-dir:") and not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{model}: {folder} has no open_clip_config.json; give a folder written by training "

@@ -64,8 +64,9 @@ def load_image(path) -> Image.Image:
         warnings.simplefilter("always", Image.DecompressionBombWarning)
         try: im = Image.open(path)
         except Image.DecompressionBombError as e:
-            raise ValueError(f"{path} is too large for PIL's decompression-bomb guard ({e.args[0].split(' exceeds')[0].replace('Image size ', '')}): "
-                             "if you trust it, set LATTECLIP_MAX_IMAGE_PIXELS to a larger pixel count (0: no limit)") from None
+            px = (re.findall(r"\((\d+) pixels\)", str(e)) or ["too many"])[0]
+            raise ValueError(f"{path} has {px} pixels, over the limit of PIL's decompression-bomb guard: if you trust it, set "
+                             f"LATTECLIP_MAX_IMAGE_PIXELS to a pixel count of at least {px} (0: no limit)") from None
     if seen and not _big_noted:
         _big_noted.append(path)
         log.warning(f"{path} and possibly others are larger than PIL's {Image.MAX_IMAGE_PIXELS} pixels (its decompression-bomb "

@@ -282,7 +282,8 @@ def resolve_model(cfg: ExperimentConfig, spec):
     if not cfg.pretrained and arch != default[0]:   # another architecture: its own weights, never the default's tag
         if arch.startswith(("hf-hub:", "local-dir:")): return arch, None   # the folder carries them
         if arch == SHAPES_MODEL: return arch, str(SHAPES_CHECKPOINT)      # the package ships them
-        if spec.kind == "shapes":   # the shipped weights are latte-shapes': they do not fit another architecture
+        import open_clip
+        if spec.kind == "shapes" and arch in open_clip.list_models():   # the shipped weights are latte-shapes': they fit no other architecture
             raise ValueError(f"model={arch!r} on the shapes world needs its own weights (the shipped ones are for {SHAPES_MODEL}): give "
                              f"pretrained=none (random weights) or a checkpoint of {arch}, or model={SHAPES_MODEL!r}")
     pretrained = cfg.pretrained or default[1]

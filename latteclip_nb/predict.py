@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .core import _atomic, check_device, default_data_root, error_line, progress_bar
+from .core import _atomic, check_device, default_data_root, error_line, in_flags, progress_bar
 from .data import IMG_EXTENSIONS, Split, list_images, load_image, match_classes
 from .evaluate import evaluate, save_results
 from .train import Classifier, load_classifier
@@ -109,9 +109,9 @@ def _fail(prog: str, msg: str, code: int = 2) -> int:
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return code
 
-def _writable(out: Path, flag: str = "--out"):
-    "One line (as an OSError) when the folder `out` would be written in cannot be written: read-only, or under a file."
-    probe = out
+def _writable(out: Path, flag: str = "--out", file: bool = False):
+    "One line (as an OSError) when `out` (a folder, or with `file` a file) cannot be written: read-only, or under a file."
+    probe = out.expanduser().absolute().parent if file else out.expanduser().absolute()
     while not probe.exists() and probe != probe.parent: probe = probe.parent
     if not probe.is_dir(): raise OSError(f"{flag} {out}: {probe} is a file, not a folder; choose another {flag}")
     try: fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-test-"); os.close(fd); os.unlink(tmp)
@@ -120,7 +120,7 @@ def _writable(out: Path, flag: str = "--out"):
 def _load(folder, device):
     "(the classifier, None), or (None, the reason it cannot be loaded: a missing or damaged file, a device that is not there)."
     try: check_device(device); return load_classifier(folder, device=device), None
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e: return None, str(e).strip('"')
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e: return None, in_flags(str(e).strip('"'), dict(device="--device"))
 
 def predict_parser() -> argparse.ArgumentParser:
     """The arguments of `latteclip-predict`."""
@@ -147,7 +147,7 @@ def predict_main(argv=None) -> int:
         return _fail(prog, f"{out} exists: pass --overwrite to replace it, or choose another --out")
     if out != "-" and Path(out).is_dir(): return _fail(prog, f"--out {out} is a folder: give a file name, e.g. {Path(out)/'predictions.csv'}")
     try:
-        if out != "-": _writable(Path(out).expanduser().absolute().parent)
+        if out != "-": _writable(Path(out), file=True)
     except OSError as e: return _fail(prog, str(e))
     clf, err = _load(a.classifier, a.device)
     if err: return _fail(prog, err)
@@ -243,7 +243,7 @@ def eval_main(argv=None) -> int:
     out = Path(a.out or f"eval-{name}")
     if (out/"results.json").exists() and not a.overwrite:
         return _fail(prog, f"{out/'results.json'} exists: pass --overwrite to replace it, or choose another --out")
-    try: _writable(out.expanduser().absolute())
+    try: _writable(out)
     except OSError as e: return _fail(prog, str(e))
     clf, err = _load(a.classifier, a.device)
     if err: return _fail(prog, err)

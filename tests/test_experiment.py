@@ -203,7 +203,7 @@ def test_cli_custom_folder_without_weights_offline_fails_at_once(world, tmp_path
     r = _cli(["--dataset", str(root / "data" / "dtd" / "images"), "--classes-file", str(tmp_path / "classes.txt"),
               "--out-dir", str(tmp_path / "out"), "--num-workers", "0"], env, root)
     err = _last_line(r)
-    assert r.returncode != 0 and "offline" in err and "pretrained=" in err and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "offline" in err and "--pretrained" in err and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 
