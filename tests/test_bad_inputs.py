@@ -153,6 +153,8 @@ CASES = [
      ["--classes-file", "--test-root"]),
     ("a mistyped folder lists shapes", "latteclip-train", ["--dataset", "birds/unlabelled"], {}, 1,
      ["no such folder", "caltech101, shapes"]),
+    ("flags as typed: split file", "latteclip-train", ["--dataset", "dtd", "--data-root", "dtd-root", *TINY, "--out-dir", "o"], {}, 1,
+     ["split_zhou_DescribableTextures.json", "--split-file <path>"]),
 ]
 if not torch.cuda.is_available():
     CASES.append(("flags as typed: device", "latteclip-train", [*FOLDER, *TINY[:4], "--device", "cuda", "--out-dir", "o"], {}, 1,
@@ -176,6 +178,7 @@ def test_one_line(env, capsys, monkeypatch, request, case, cmd, args, extra, cod
     if "CLF" in args: args = [str(request.getfixturevalue("trained")[0] / "train" / "classifier") if a == "CLF" else a for a in args]
     port = str(_free_port())
     for k, v in extra.items(): monkeypatch.setenv(k, port if v == "PORT" else v)
+    (env / "dtd-root" / "dtd" / "images").mkdir(parents=True, exist_ok=True)   # a named dataset's images, without its split file
     rc, err, _ = run(cmd, args, capsys)
     line = _last(err)
     assert rc == code and "Traceback" not in err, err[-3000:]
@@ -340,3 +343,32 @@ def test_papermill_takes_clip_model_and_the_old_name(tmp_path, name):
     line = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and line.startswith("ValueError: ") and "unknown OpenCLIP model 'nonesuch-clip'" in line, r.stderr[-3000:]
     assert ("parameter model is deprecated" in r.stderr + (tmp_path / "out.ipynb").read_text()) == (name == "model")
+
+
+def test_a_read_only_cache_or_out_folder(trained, env, capsys, tmp_path, monkeypatch):
+    """Read-only folders (tested as root, where chmod does not stop a write): the probe's write is refused."""
+    import tempfile
+    real = tempfile.mkstemp
+    def mkstemp(*a, dir=None, **k):
+        if str(dir).startswith(str(tmp_path / "ro")): raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setenv("LATTECLIP_CACHE", str(tmp_path / "ro" / "cache"))
+    rc, err, _ = run("latteclip-train", [*FOLDER, *TINY, "--out-dir", tmp_path / "o"], capsys)
+    assert rc == 1 and f"LATTECLIP_CACHE={tmp_path / 'ro' / 'cache'} is not writable" in _last(err), err
+    rc, err, _ = run("latteclip-caption", [*FOLDER, *TINY[:4], "--dry-run"], capsys)
+    assert rc == 2 and "LATTECLIP_CACHE=" in _last(err) and "not writable" in _last(err), err
+    monkeypatch.setenv("LATTECLIP_CACHE", str(tmp_path / "cache"))
+    clf = trained[0] / "train" / "classifier"
+    rc, err, _ = run("latteclip-predict", [clf, "birds/unlabeled", "--out", tmp_path / "ro" / "p.csv"], capsys)
+    assert rc == 2 and "--out" in _last(err) and "is not writable" in _last(err), err
+    rc, err, _ = run("latteclip-eval", [clf, "--test-root", "birds/test", "--out", tmp_path / "ro" / "ev"], capsys)
+    assert rc == 2 and "--out" in _last(err) and "is not writable" in _last(err), err
+
+
+def test_the_served_captioners_url_is_named_as_the_flag():
+    from latteclip_nb.captions import _as_typed as caption_line
+    from latteclip_nb.experiment import _as_typed as train_line
+    msg = "no OpenAI-compatible server answers at http://h:9/v1: start one, and pass base_url='http://HOST:8000/v1'."
+    assert "--server-url http://HOST:8000/v1" in train_line(msg) and "--server-url http://HOST:8000/v1" in caption_line(msg)
