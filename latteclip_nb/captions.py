@@ -424,6 +424,7 @@ def _check_args(args):
         raise ValueError(f"--groups-per-class {args.groups_per_class}: must be >= 1 (leave it out for one group per image)")
     check_device(args.device)
     check_cache()   # LATTECLIP_CACHE a file or read-only: one line naming it
+    if args.captioner == "tiny" and not args.dry_run: _tiny_folder(args.captioner_model or "")   # before c_zs is computed
 
 def _dry_run(spec, split, args, out: Path) -> int:
     "Print the size of the job without loading any model: exact when c_zs is cached, else an upper bound."

@@ -118,6 +118,8 @@ CASES = [
      ["--test-root birds/test describe a custom folder"]),
     ("a CLIP model as the tiny describer", "latteclip-caption", [*FOLDER, *TINY[:4], "--device", "cpu", "--captioner", "tiny", "--model", "latte-shapes",
      "--captions-dir", "store"], {}, 2, ["--captioner-model latte-shapes is a CLIP model", "--clip-model"]),
+    ("the old spelling --model for the describer", "latteclip-caption", ["shapes", "--model", "latte-shapes", "--captioner", "tiny"], {}, 2,
+     ["--captioner-model latte-shapes is a CLIP model"]),
     ("a missing tiny describer folder", "latteclip-caption", [*FOLDER, *TINY[:4], "--device", "cpu", "--captioner", "tiny", "--captioner-model", "nope",
      "--captions-dir", "store"], {}, 2, ["--captioner-model nope: no such folder"]),
     ("LATTECLIP_CACHE is a file (train)", "latteclip-train", [*FOLDER, *TINY, "--out-dir", "o"], {"LATTECLIP_CACHE": "a-file/cache"}, 1,
