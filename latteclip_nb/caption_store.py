@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['KINDS', 'CLIP_TEXT_TOKENS', 'shard_file', 'record_key', 'CaptionStore', 'WorkItem', 'Work', 'content_ids',
-           'caption_work', 'shard_of', 'clip_bpe', 'clip_token_count', 'caption_stats', 'share_captions']
+           'caption_work', 'shard_of', 'claim_sharding', 'release_sharding', 'clip_bpe', 'clip_token_count',
+           'caption_stats', 'share_captions']
 
 # %% ../nbs/05b_caption_store.ipynb #fec206ea
 import errno, hashlib, json, os
@@ -15,7 +16,7 @@ from pathlib import Path
 try: import fcntl
 except ImportError: fcntl = None  # no file locks on Windows: give every process its own shard
 
-from .core import file_keys, log, RunLock
+from .core import atomic_write_json, file_keys, log, read_json, RunLock
 from .nodes import gather_objects
 from .collage import as_label_array, sample_groups, sample_groups_gt
 from .prompts import group_prompt, image_prompt
@@ -49,9 +50,9 @@ def _store_error(path, e: OSError, doing: str) -> RuntimeError:
     "One line for an OS error on the caption store: what failed, where, and what to do."
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return RuntimeError(f"disk full while {doing} {path}; the store is intact up to its last complete batch: "
-                            "free some space (or pass --out on another disk) and rerun")
+                            "free some space (or pass --captions-dir on another disk) and rerun")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return RuntimeError(f"caption store {path} is not writable ({e.strerror}): pass --out with a writable folder "
+        return RuntimeError(f"caption store {path} is not writable ({e.strerror}): pass --captions-dir with a writable folder "
                             "or fix its permissions")
     return RuntimeError(f"{doing} {path} failed ({e.strerror or e}); the store is intact up to its last complete batch")
 
@@ -220,6 +221,35 @@ def shard_of(item: WorkItem, num_shards: int) -> int:
     """The shard (0 .. num_shards - 1) that describes `item`: a stable hash of its kind, id and prompt."""
     h = hashlib.blake2b("\x1f".join((item.kind, item.item_id, item.prompt)).encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") % num_shards
+
+# %% ../nbs/05b_caption_store.ipynb #e04a0a9a
+def _fingerprint(items: list, model: str) -> str:
+    "A job's identity: its captioner and the keys of its items."
+    h = hashlib.blake2b(model.encode(), digest_size=8)
+    for it in sorted((it.kind, it.item_id, it.prompt) for it in items): h.update("\x1f".join(it).encode() + b"\x1e")
+    return h.hexdigest()
+
+def claim_sharding(root, items: list, model: str, num_shards: int, missing: int | None = None) -> None:
+    """Record that the job (`items` by `model`) is captioned in `num_shards` shards; a ValueError if it is already being captioned in another count."""
+    root = Path(root); root.mkdir(parents=True, exist_ok=True)
+    path, fp = root/"sharding.json", _fingerprint(items, model)
+    with RunLock(root/"sharding.lock", what=f"the sharding record of {root}", wait=True):
+        jobs = read_json(path) if path.is_file() else {}
+        had = jobs.get(fp, {}).get("num_shards")
+        if had is not None and had != num_shards:
+            left = f"{missing} of {len(items)} captions are still missing" if missing is not None else "it is unfinished"
+            raise ValueError(f"caption store {root} is being filled with --num-shards {had} for this job ({left}); this run has "
+                             f"--num-shards {num_shards}: rerun with --num-shards {had} (--shard 0..{had - 1}) so no item is captioned twice, "
+                             f"or, if no process writes the store any more, delete {path}")
+        if had is None: atomic_write_json(path, {**jobs, fp: dict(num_shards=num_shards, model=model, items=len(items))})
+
+def release_sharding(root, items: list, model: str) -> None:
+    """Forget the sharding of a complete job (any count may caption its items from now on: none is left)."""
+    path = Path(root)/"sharding.json"
+    if not path.is_file(): return
+    with RunLock(Path(root)/"sharding.lock", what=f"the sharding record of {root}", wait=True):
+        jobs = read_json(path); fp = _fingerprint(items, model)
+        if fp in jobs: del jobs[fp]; atomic_write_json(path, jobs)
 
 # %% ../nbs/05b_caption_store.ipynb #95e15bb7
 CLIP_TEXT_TOKENS = 75  # CLIP's 77-token context minus its start and end tokens

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .core import atomic_write_json, cache_root, check_device, default_data_root, deprecated_flag, error_line, file_keys, log, progress_bar, read_json, seed_everything
+from .core import atomic_write_json, cache_root, check_cache, check_device, in_flags, default_data_root, deprecated_flag, error_line, file_keys, log, progress_bar, read_json, seed_everything
 from .collage import make_collage
 from .data import load_image
 # the caption store (05b); its public names are this module's too
@@ -180,6 +180,8 @@ def describe_dataset(
     log.info(f"{spec.name}: {len(items)} captions by {model}, {len(items) - len(todo)} known or in other shards, "
              f"{len(todo)} to do in shard {shard}/{num_shards}")
     if todo and not read_only:
+        missing = sum(not store.done(it.key(model)) for it in items) if store is not None else len(items)
+        claim_sharding(out_dir, items, model, num_shards, missing)   # another --num-shards on this unfinished job: refused
         if store is not None: store.close()
         # the shard's lock is held only while there is work; a second run of the same shard waits, then finds it done
         with CaptionStore(out_dir, shard=shard, wait=wait) as writer:
@@ -201,6 +203,7 @@ def describe_dataset(
         if num_shards == 1 or barrier is not None: raise RuntimeError(f"{msg} after a complete run; rerun to retry them")
         log.info(f"{msg}; this shard is complete, the others are not yet: run them, then rerun any shard to merge")
         return None
+    if not read_only: release_sharding(out_dir, items, model)
     s = texts.stats
     bad = [f"{s[k][f]} {'over-long' if f == 'too_long' else f} {k}" for k in ("image", "group") for f in ("empty", "too_long") if s[k][f]]
     if s["unreadable"]: bad.append(f"{s['unreadable']} unreadable-image")
@@ -276,6 +279,7 @@ def _dataset(args):
                                test_root=args.test_root or None, name=args.name or None)
         return fd.spec, fd.splits()["train"]
     if args.name: raise ValueError(f"--name names a custom folder; {named[0]!r} is a dataset with its own name")
+    _no_folder_flags(args, named[0])
     try: spec = data.get_spec(named[0])
     except ValueError as e:
         try: importlib.import_module("latteclip_nb.shapes")  # registers the offline world's datasets
@@ -283,6 +287,15 @@ def _dataset(args):
         spec = data.get_spec(named[0])
     root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
     return spec, data.splits(spec.name, root, args.split_file)["train"]
+
+def _no_folder_flags(args, name):
+    "One line when flags that describe a custom folder are given with a named dataset (they would be ignored)."
+    from latteclip_nb.registry import _looks_like_path
+    given = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("classes_file", "test_root") if getattr(args, k, None)]
+    given += [f"--domain {args.domain}"] if getattr(args, "domain", "object") != "object" else []
+    if given and not _looks_like_path(name):
+        raise ValueError(f"{' and '.join(given)} describe a custom folder; {name!r} is a named dataset with its own classes, domain and "
+                         "test split: leave them out, or give a folder of images as the dataset")
 
 def _clip_choice(spec, args):
     "(architecture, pretrained) of the CLIP for c_zs, resolved as latteclip-train resolves them (same defaults, same cache key)."
@@ -345,7 +358,7 @@ def build_captioner(backend: str = "auto",   # auto | llava | hf | openai | tiny
         return captioners.OpenAICaptioner(server_url, model or captioners.LLAVA_MODEL, api_key=api_key, concurrency=concurrency,
                                           bos=bos)
     if backend == "tiny":
-        path = Path(model) if model else cache_root()/"tiny-llava"
+        path = _tiny_folder(model)
         if not (path/"config.json").exists(): captioners.build_tiny_llava(path)
         return captioners.LlavaCaptioner(str(path), single_view=single_view, device=device, batch_size=batch_size,
                                          quantize=precision, decoding=decoding)
@@ -359,6 +372,20 @@ def build_captioner(backend: str = "auto",   # auto | llava | hf | openai | tiny
         return captioners.LlavaCaptioner(model or captioners.LLAVA_MODEL, single_view=single_view, device=device, batch_size=batch_size,
                                          quantize=precision, decoding=decoding)
     raise ValueError(f"unknown captioner backend {backend!r}: choose auto, llava, hf, openai, tiny or simulated")
+
+# %% ../nbs/05c_captions.ipynb #de67d2aa
+def _tiny_folder(model: str = "") -> Path:
+    "The tiny LLaVA folder for `captioner='tiny'`: the cache's own (built on first use), or an existing folder the user names."
+    if not model: return cache_root()/"tiny-llava"
+    path = Path(model).expanduser()
+    if path.exists(): return path   # a tiny LLaVA folder, or build_tiny_llava's one line for anything else
+    from latteclip_nb.clip import SHIPPED_MODELS
+    import open_clip
+    if model in SHIPPED_MODELS or model in open_clip.list_models():
+        raise ValueError(f"captioner_model={model!r} is a CLIP model (give it as --clip-model); the tiny captioner takes a tiny LLaVA "
+                         "folder: leave captioner_model unset to build one in the cache")
+    raise FileNotFoundError(f"captioner_model={model!r}: no such folder; the tiny captioner takes an existing tiny LLaVA folder: "
+                            "leave captioner_model unset to build one in the cache")
 
 # %% ../nbs/05c_captions.ipynb #b207c2a4
 def call_plan(work: Work, n_classes: int, groups_per_class: int | None = None) -> dict:
@@ -393,7 +420,9 @@ def _plan_line(name: str, plan: dict) -> str:
             f"({mode}{other}), fewer if some are already in the store")
 
 def _check_args(args):
-    "One line for a count that cannot be right (shards, batch sizes), before anything is read."
+    "One line for a count that cannot be right (shards, batch sizes), a store that is a file, before anything is read."
+    if args.captions_dir and Path(args.captions_dir).expanduser().exists() and not Path(args.captions_dir).expanduser().is_dir():
+        raise ValueError(f"--captions-dir {args.captions_dir} is a file: give a folder for the caption store (it is created if missing)")
     if args.num_shards < 1: raise ValueError(f"--num-shards {args.num_shards}: must be >= 1 (1 for a single process)")
     if not 0 <= args.shard < args.num_shards:
         raise ValueError(f"--shard {args.shard} is not in 0..{args.num_shards - 1} (--num-shards {args.num_shards}): "
@@ -403,6 +432,8 @@ def _check_args(args):
     if args.groups_per_class is not None and args.groups_per_class < 1:
         raise ValueError(f"--groups-per-class {args.groups_per_class}: must be >= 1 (leave it out for one group per image)")
     check_device(args.device)
+    check_cache()   # LATTECLIP_CACHE a file or read-only: one line naming it
+    if args.captioner == "tiny" and not args.dry_run: _tiny_folder(args.captioner_model or "")   # before c_zs is computed
 
 def _dry_run(spec, split, args, out: Path) -> int:
     "Print the size of the job without loading any model: exact when c_zs is cached, else an upper bound."
@@ -417,6 +448,15 @@ def _dry_run(spec, split, args, out: Path) -> int:
     print(f"latteclip-caption: {est['line']}", file=sys.stderr, flush=True)
     print(json.dumps({"dataset": spec.name, "out": str(out), "dry_run": True, **plan, "expected_s": est["seconds"]}))
     return 0
+
+_CAPTION_FLAGS = dict(classes_file="--classes-file", test_root="--test-root", split_file="--split-file", data_root="--data-root",
+                      server_url="--server-url", base_url="--server-url", captioner_model="--captioner-model", device="--device",
+                      captions_dir="--captions-dir", batch_size="--batch-size", num_shards="--num-shards", pretrained="--pretrained",
+                      model="--clip-model", domain="--domain")
+
+def _as_typed(msg: str) -> str:
+    "A library error in the words of this command's flags (`classes_file='x'` as `--classes-file x`)."
+    return in_flags(msg, _CAPTION_FLAGS)
 
 def main(argv=None) -> int:
     """`latteclip-caption`: describe a dataset's training images and groups into the caption store."""
@@ -450,7 +490,7 @@ def main(argv=None) -> int:
         print(f"{prog}: interrupted: {kept}; rerun the same command to continue from there", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"{prog}: error: {error_line(e, out, cache_root())}", file=sys.stderr)
+        print(f"{prog}: error: {_as_typed(error_line(e, out, cache_root()))}", file=sys.stderr)
         return 2
     finally:
         log.setLevel(level)

@@ -91,7 +91,7 @@ def check_model(model: str, pretrained):
                          "open_clip.list_models() lists all")
     if model.startswith(("hf-hub:", "local-dir:")):   # these folders carry their own weights: nothing to pass as pretrained
         if pretrained not in (None, "", "none"):
-            raise ValueError(f"{model} carries its own weights: drop pretrained={pretrained!r} (--pretrained)")
+            raise ValueError(f"{model} carries its own weights: drop pretrained={pretrained!r}")
         folder = Path(model[len("local-dir:"):]).expanduser()
         if model.startswith("local-dir:") and not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{model}: {folder} has no open_clip_config.json; give a folder written by training "
@@ -110,6 +110,22 @@ def make_train_transform(image_size, mean, std):
         warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
         return open_clip.image_transform(image_size, is_train=True, mean=mean, std=std, aug_cfg=aug)
 
+def _local_weights(model: str, ckpt) -> str | None:
+    "The local weights file open_clip reads for `model` with `ckpt`: the checkpoint file, or a local-dir folder's weights."
+    if ckpt is not None and Path(ckpt).is_file(): return str(ckpt)
+    if model.startswith("local-dir:"):
+        folder = Path(model[len("local-dir:"):]).expanduser()
+        return next((str(folder/n) for n in _CKPT_NAMES if (folder/n).is_file()), None)
+    return None
+
+def _not_a_checkpoint(model: str, ckpt, e: BaseException) -> ValueError:
+    "One line for a local weights file open_clip could not load into `model` (the file, what failed, what to do)."
+    f, why = _local_weights(model, ckpt), " ".join(f"{type(e).__name__}: {e}".split())[:200]
+    if model.startswith("local-dir:"):
+        return ValueError(f"{f} is damaged or not {model}'s weights ({why}): copy the folder again, or export it again by rerunning training")
+    return ValueError(f"pretrained={str(ckpt)!r} is not an OpenCLIP checkpoint of {model} ({why}): give the .safetensors, .bin or .pt "
+                      f"file of {model}'s weights (a torn download: fetch it again), or pretrained=none for random weights")
+
 def load_clip(model: str = "ViT-B-32", pretrained="laion2b_s34b_b79k", device=None):
     """(model in eval mode, train transform, eval transform, tokenizer) of an OpenCLIP `model` with `pretrained` weights."""
     ckpt = check_model(model, pretrained)
@@ -117,9 +133,10 @@ def load_clip(model: str = "ViT-B-32", pretrained="laion2b_s34b_b79k", device=No
     is_tag = ckpt is not None and not Path(ckpt).is_file()
     try:
         m, _, eval_tf = open_clip.create_model_and_transforms(model, pretrained=ckpt, device=device)
-    except RuntimeError as e:
-        if is_tag and "download" in str(e).lower(): raise RuntimeError(_offline_help(model, ckpt)) from e
-        raise
+    except Exception as e:
+        if is_tag and isinstance(e, RuntimeError) and "download" in str(e).lower(): raise RuntimeError(_offline_help(model, ckpt)) from e
+        if is_tag or isinstance(e, (FileNotFoundError, KeyboardInterrupt)) or not _local_weights(model, ckpt): raise
+        raise _not_a_checkpoint(model, ckpt, e) from None   # a text file, random bytes, a torn download, another model's weights
     cfg = m.visual.preprocess_cfg
     train_tf = make_train_transform(cfg["size"], cfg["mean"], cfg["std"])
     return m.eval(), train_tf, eval_tf, open_clip.get_tokenizer(model)

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['log', 'RUN_LOGS', 'seed_everything', 'get_device', 'check_device', 'deprecated_flag', 'write_error',
            'atomic_write_bytes', 'atomic_write_json', 'atomic_torch_save', 'read_json', 'FolderInUse', 'lock_holder',
-           'RunLock', 'PlainProgress', 'progress_bar', 'LogProgress', 'TeeProgress', 'error_line', 'cache_root',
-           'default_data_root', 'file_keys', 'replace_marked', 'write_readme_block']
+           'RunLock', 'PlainProgress', 'progress_bar', 'LogProgress', 'TeeProgress', 'error_line', 'in_flags',
+           'cache_root', 'check_cache', 'default_data_root', 'file_keys', 'replace_marked', 'write_readme_block']
 
 # %% ../nbs/00_core.ipynb #47c35b18
 import hashlib, json, logging, os, random, tempfile
@@ -66,7 +66,7 @@ def deprecated_flag(parser, old: str, new: str, **kw) -> None:
                         nargs=act.nargs, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
 
 # %% ../nbs/00_core.ipynb #a91254a0
-import errno, shutil
+import errno, re, shutil
 from contextlib import contextmanager
 
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -75,6 +75,7 @@ _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 def write_error(path, e: BaseException) -> OSError:
     """One-line OSError for a failed write of `path`: disk full, read-only folder, or the original error."""
     path, code = Path(path), getattr(e, "errno", None)
+    if code is None and (m := re.search(r"os error (\d+)", str(e))): code = int(m.group(1))   # safetensors' Rust writer
     if code in _FULL or (code is None and "inline_container" in str(e) and _low_space(path.parent)):
         return OSError(errno.ENOSPC, f"no space left on the device writing {path} ({path.name} is unchanged and no temporary "
                                      f"file is left): free some space or write elsewhere, then rerun")
@@ -312,10 +313,43 @@ def error_line(e: BaseException, *places) -> str:
         msg += f" (while writing under {' or '.join(where)}): free some space there, or choose a folder on another disk, then rerun"
     return msg
 
+# %% ../nbs/00_core.ipynb #0f07a380
+def in_flags(msg: str,
+             flags: dict,   # argument name -> the flag that sets it, e.g. {"classes_file": "--classes-file"}
+             switches=(),   # names of on/off flags written --name / --no-name
+            ) -> str:
+    """`msg` with `name=value` written `--flag value`, and bare underscored names (`server_url`) as their flag (code examples `f(a, name=v)` kept)."""
+    def one(m):
+        name, v = m.group(1), m.group(2)
+        if v is None: return flags[name]
+        if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"": v = v[1:-1]
+        else: v = v.rstrip(".:")
+        if v in ("True", "False"):
+            if name in switches: return flags[name] if v == "True" else "--no-" + flags[name][2:]
+            v = v.lower()
+        return f"{flags[name]} {v}" if v else flags[name]
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    msg = re.sub(rf"(?<![\w./<-])(?<!\()(?<!, )({names})=('[^']*'|\"[^\"]*\"|[^\s,;()]+)", one, msg)
+    bare = "|".join(sorted((re.escape(n) for n in flags if "_" in n), key=len, reverse=True))
+    return re.sub(rf"(?<![\w./<-])({bare})(?![\w/=>-])", lambda m: flags[m.group(1)], msg) if bare else msg
+
 # %% ../nbs/00_core.ipynb #de62b361
 def cache_root() -> Path:
     """The cache folder: `$LATTECLIP_CACHE` or `~/.cache/latteclip_nb`."""
     return Path(os.environ.get("LATTECLIP_CACHE", Path.home()/".cache"/"latteclip_nb")).expanduser()
+
+# %% ../nbs/00_core.ipynb #0addb349
+def check_cache() -> Path:
+    """The cache folder, after checking it is (or can become) a writable folder; a one-line OSError naming `LATTECLIP_CACHE`."""
+    root = cache_root()
+    what = f"LATTECLIP_CACHE={os.environ['LATTECLIP_CACHE']}" if os.environ.get("LATTECLIP_CACHE") else f"the cache folder {root}"
+    fix = "point LATTECLIP_CACHE at a writable folder (or unset it for ~/.cache/latteclip_nb)"
+    probe = root
+    while not probe.exists() and probe != probe.parent: probe = probe.parent
+    if not probe.is_dir(): raise NotADirectoryError(f"{what}: {probe} is a file, not a folder; {fix}")
+    try: fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-test-"); os.close(fd); os.unlink(tmp)
+    except OSError as e: raise PermissionError(f"{what} is not writable ({probe}: {e.strerror}); {fix}") from None
+    return root
 
 # %% ../nbs/00_core.ipynb #aacc8b12
 def default_data_root() -> Path:

@@ -20,18 +20,62 @@ from .registry import _LOADERS   # data._LOADERS: the loaders of registered data
 from .split_files import _need_dir
 
 # %% auto #0
-__all__ = ['IMG_EXTENSIONS', 'LIST_SUFFIXES', 'load_image', 'ImageDataset', 'collate_skip', 'list_images', 'plural',
-           'read_classes_file', 'folder_name', 'FolderDomain', 'is_image_list', 'read_image_list']
+__all__ = ['IMG_EXTENSIONS', 'LIST_SUFFIXES', 'load_image', 'ImageDataset', 'collate_skip', 'list_images', 'match_classes',
+           'plural', 'read_classes_file', 'folder_name', 'FolderDomain', 'is_image_list', 'read_image_list']
 
 # %% ../nbs/01b_data.ipynb #c816a50e
+import warnings
+import numpy as np
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_WIDE = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")   # single-channel modes PIL's convert("RGB") clips
+
+def _to_8bit(im: Image.Image, path) -> Image.Image:
+    "A 16/32-bit integer or float single-channel image as 8-bit L, scaled by its type's range; a ValueError when it cannot be."
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        if not np.isfinite(a).all(): raise ValueError(f"{path}: float image with NaN or infinite values; save it as an 8- or 16-bit image")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"{path}: float image with values in [{lo:.4g}, {hi:.4g}], not [0, 1]: it has no faithful 8-bit "
+                             "reading; save it as an 8- or 16-bit image, or scale it to [0, 1]")
+        a = a * 255
+    else:
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"{path}: 32-bit integer image with values in [{lo:.0f}, {hi:.0f}], beyond 16 bits: save it as an 8- or 16-bit image")
+        a = a / 257   # 0..65535 -> 0..255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+_big_noted = []
+
+def _pixel_limit():
+    "PIL's decompression-bomb limit from LATTECLIP_MAX_IMAGE_PIXELS (0: none), else the one PIL has now."
+    v = os.environ.get("LATTECLIP_MAX_IMAGE_PIXELS", "").strip()
+    if not v: return Image.MAX_IMAGE_PIXELS
+    try: n = int(float(v))
+    except ValueError: raise ValueError(f"LATTECLIP_MAX_IMAGE_PIXELS={v!r} is not a number: give a pixel count, or 0 for no limit") from None
+    return None if n <= 0 else n
 
 def load_image(path) -> Image.Image:
-    """Open `path` fully decoded as an RGB PIL image, keeping `img.info` (plus `info['path']`)."""
-    with Image.open(path) as im:
+    """Open `path` fully decoded as an RGB PIL image (high-bit-depth and float images scaled to 8 bits), keeping `img.info` (plus `info['path']`)."""
+    Image.MAX_IMAGE_PIXELS = _pixel_limit()   # the variable, when set, wins (each DataLoader worker reads it too)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        try: im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            px = (re.findall(r"\((\d+) pixels\)", str(e)) or ["too many"])[0]
+            raise ValueError(f"{path} has {px} pixels, over the limit of PIL's decompression-bomb guard: if you trust it, set "
+                             f"LATTECLIP_MAX_IMAGE_PIXELS to a pixel count of at least {px} (0: no limit)") from None
+    if seen and not _big_noted:
+        _big_noted.append(path)
+        log.warning(f"{path} and possibly others are larger than PIL's {Image.MAX_IMAGE_PIXELS} pixels (its decompression-bomb "
+                    "warning); read anyway. LATTECLIP_MAX_IMAGE_PIXELS sets the limit")
+    with im:
         im.load()
         info = dict(im.info)
         if im.mode == "RGB": img = im.copy()
+        elif im.mode in _WIDE: img = _to_8bit(im, path).convert("RGB")
         elif im.mode in ("P", "LA", "PA") or "transparency" in im.info: img = im.convert("RGBA").convert("RGB")
         else: img = im.convert("RGB")
     img.info = {**info, "path": str(path)}
@@ -67,17 +111,35 @@ def collate_skip(batch):
 
 # %% ../nbs/01b_data.ipynb #9892d44e
 def list_images(root, exclude=None) -> list[str]:
-    """Sorted posix paths (relative to `root`) of all image files under `root`, hidden files and `exclude` skipped."""
+    """Sorted posix paths (relative to `root`) of all image files under `root` (symlinked folders followed), hidden files and `exclude` skipped."""
     root = Path(root)
     exclude = Path(exclude).resolve() if exclude is not None else None
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")
-                             and (exclude is None or (Path(dirpath) / n).resolve() != exclude))
+    out, seen = [], {root.resolve()}
+    def keep(dirpath, n):   # symlinked folders are followed; one that leads to a folder already searched is named and skipped
+        p = Path(dirpath) / n; r = p.resolve()
+        if n.startswith(".") or (exclude is not None and r == exclude): return False
+        if r in seen:
+            log.warning(f"skipping the symlinked folder {p}: it leads to {r}, already searched"); return False
+        seen.add(r); return True
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(n for n in dirnames if keep(dirpath, n))
         for f in filenames:
             if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS):
                 out.append((Path(dirpath) / f).relative_to(root).as_posix())
     return sorted(out)
+
+def _key(name) -> str: return re.sub(r"[\W_]+", "", str(name).lower())
+
+def match_classes(names, classnames, source: str = "names") -> dict:
+    """{name: index of the class in `classnames` it matches, case, spaces and punctuation ignored}; a ValueError lists the unmatched."""
+    index = {}
+    for i, c in enumerate(classnames):
+        if _key(c) in index: raise ValueError(f"classes {classnames[index[_key(c)]]!r} and {c!r} differ only in case or punctuation")
+        index[_key(c)] = i
+    unknown = [n for n in names if _key(n) not in index]
+    if unknown:
+        raise ValueError(f"{source}: {unknown} match no class name (case, spaces and punctuation ignored); the classes are {list(classnames)}")
+    return {n: index[_key(n)] for n in names}
 
 def plural(word: str) -> str:
     """A guess at the English plural of `word` ('texture' -> 'textures', 'galaxy' -> 'galaxies')."""
@@ -91,7 +153,7 @@ def read_classes_file(path) -> list[str]:
     path = Path(path).expanduser()
     if path.is_dir(): raise IsADirectoryError(f"classes file {path} is a folder: pass a text file with one class name per line")
     if not path.is_file(): raise FileNotFoundError(f"classes file {path} does not exist; write one class name per line")
-    try: text = path.read_text(encoding="utf-8")
+    try: text = path.read_text(encoding="utf-8-sig")   # a byte-order mark (Notepad's "UTF-8 with BOM") is not part of the first name
     except UnicodeDecodeError as e:
         raise ValueError(f"classes file {path} is not UTF-8 text (bad byte at offset {e.start}): save it as plain text, one class name per line") from None
     except OSError as e: raise OSError(e.errno, f"cannot read classes file {path} ({e.strerror}): check its permissions") from None
@@ -105,6 +167,13 @@ def folder_name(root) -> str:
     p = Path(root).expanduser().resolve()
     return re.sub(r"[^\w.-]+", "_", "-".join(s for s in (p.parent.name, p.name) if s)) or "folder"
 
+def _no_overlap(root: Path, test_root: Path):
+    "A ValueError when the labeled test folder is the training folder or holds it: training would see the images it is scored on."
+    r, t = root.resolve(), test_root.resolve()
+    if r == t or t in r.parents:
+        raise ValueError(f"test_root={str(test_root)!r} {'is' if r == t else 'holds'} the training folder {root}: the run would train on "
+                         "the images it is scored on; give a labeled folder outside it (a test folder inside it is kept out of training)")
+
 class FolderDomain:
     """A custom domain: unlabeled training images in `root`, class names, a domain word, an optional labeled test folder."""
     def __init__(self, root, classnames=None, classes_file=None, domain: str = "object", test_root=None,
@@ -113,12 +182,14 @@ class FolderDomain:
         self.listed, self.test_listed = is_image_list(root), test_root is not None and is_image_list(test_root)   # .csv/.txt lists of images
         self.root = Path(root).expanduser() if self.listed else _need_dir(root, "image folder")
         self.test_root = None if test_root is None else Path(test_root).expanduser() if self.test_listed else _need_dir(test_root, "test folder")
+        if self.test_root is not None and not (self.listed or self.test_listed): _no_overlap(self.root, self.test_root)
         self._lists = {}
         if classnames is not None and classes_file is not None: raise ValueError("give classnames or classes_file, not both")
         source = "classnames"
         if classes_file is not None: classnames, source = read_classes_file(classes_file), str(classes_file)
         elif classnames is None:
-            if self.test_root is None: raise ValueError("FolderDomain needs the class names: classnames=[...] or classes_file=<one name per line>")
+            if self.test_root is None: raise ValueError(f"the image folder {self.root} needs class names: classes_file=<a text file, one name per line> "
+                                                 "or test_root=<a labeled folder whose sub-folders name the classes>")
             classnames, source = self._class_dirs(), f"subfolders of {self.test_root}"
         if isinstance(classnames, str): raise TypeError(f"classnames must be a list of names, got the string {classnames!r}")
         self.classnames = check_classnames([clean_classname(c) for c in classnames], source)
@@ -152,15 +223,13 @@ class FolderDomain:
             if unknown: raise ValueError(f"labels {unknown} of the test list {self.test_root} match no class name; classes are {self.classnames}")
             test = Split(root, ids, [index[clean_classname(n)] for n in names], self.classnames)
         elif self.test_root is not None:
-            index = {c: i for i, c in enumerate(self.classnames)}
             dirs = self._class_dirs()
             if not dirs: raise ValueError(f"test folder {self.test_root} has no class subfolders; use the layout test_root/<class name>/<image>")
-            unknown = [n for n in dirs if clean_classname(n) not in index]
-            if unknown: raise ValueError(f"test subfolders {unknown} of {self.test_root} match no class name; classes are {self.classnames}")
+            index = match_classes(dirs, self.classnames, f"sub-folders of the test folder {self.test_root}")   # latteclip-eval's rule
             ids, labels = [], []
             for n in dirs:
                 sub = list_images(self.test_root / n)
-                ids += [f"{n}/{i}" for i in sub]; labels += [index[clean_classname(n)]] * len(sub)
+                ids += [f"{n}/{i}" for i in sub]; labels += [index[n]] * len(sub)
             if not ids: raise ValueError(f"no images found in the class subfolders of {self.test_root}")
             test = Split(self.test_root, ids, labels, self.classnames)
         return {"train": train, "test": test}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .core import atomic_write_json, cache_root, check_device, deprecated_flag, error_line, get_device, log, seed_everything
+from .core import atomic_write_json, cache_root, check_device, deprecated_flag, error_line, get_device, in_flags, log, seed_everything
 from .nodes import DirLayout, broadcast_object, build_once, dir_layout, rank0_place
 # the config (13a) and the recipes (13b); their public names are this module's too
 from .experiment_config import *
@@ -38,16 +38,57 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError): return None
     return (sha + ("-dirty" if dirty else "")) or None
 
+def _dist_env() -> tuple:
+    "(rank, world size) from torchrun's environment (RANK, WORLD_SIZE), checked: one line for values that cannot be right."
+    def num(name):
+        v = os.environ.get(name, "").strip()
+        if not v: return None
+        try: return int(v)
+        except ValueError: raise ValueError(f"{name}={v!r} is not a whole number: torchrun sets it; unset it to run as one process") from None
+    world, rank = num("WORLD_SIZE"), num("RANK")
+    if world is None:
+        if rank: log.warning(f"RANK={rank} is set but WORLD_SIZE is not: running as one process (torchrun sets both for several)")
+        return 0, 1
+    if world < 1: raise ValueError(f"WORLD_SIZE={world} must be >= 1: torchrun sets it; unset it to run as one process")
+    if world > 1 and rank is None: raise ValueError(f"WORLD_SIZE={world} is set but RANK is not: start the processes with torchrun, which sets both")
+    if world > 1 and not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not in 0..{world - 1} (WORLD_SIZE={world}): number the processes 0 .. WORLD_SIZE - 1 (torchrun does)")
+    return (rank or 0), world
+
+def _join_group(rank: int, world: int, backend: str):
+    "The process group over torchrun's env:// rendezvous, saying what it waits for and giving up after LATTECLIP_DIST_TIMEOUT s."
+    import socket
+    from datetime import timedelta
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not addr or not port:
+        raise ValueError(f"WORLD_SIZE={world} but MASTER_ADDR and MASTER_PORT are not both set: start the processes with torchrun "
+                         "(it sets them), or set them to rank 0's address and a free port")
+    if not port.isdigit(): raise ValueError(f"MASTER_PORT={port!r} is not a port number: give a free port, e.g. 29500")
+    wait = float(os.environ.get("LATTECLIP_DIST_TIMEOUT", "") or 300)
+    log.info(f"rank {rank} of {world}: waiting for all {world} processes at {addr}:{port} (up to {wait:.0f} s; LATTECLIP_DIST_TIMEOUT sets it)")
+    late = (f"rank {rank} of {world}: the process group at {addr}:{port} did not form within {wait:.0f} s ({{}}): start all {world} "
+            "processes with torchrun and the same MASTER_ADDR/MASTER_PORT (--nnodes, --nproc-per-node); LATTECLIP_DIST_TIMEOUT sets the wait")
+    deadline = time.monotonic() + wait
+    while rank != 0:   # a client first checks that rank 0 listens (torch would retry in silence, then print C++ stacks)
+        try: socket.create_connection((addr, int(port)), timeout=min(2.0, wait)).close(); break
+        except OSError as e:
+            if time.monotonic() >= deadline: raise RuntimeError(late.format(f"nothing listens there: {e.strerror or e}")) from None
+            time.sleep(0.5)
+    try: store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=max(1.0, deadline - time.monotonic()))))
+    except (RuntimeError, ValueError) as e: raise RuntimeError(late.format(" ".join(str(e).split()))) from None
+    store.set_timeout(timedelta(minutes=30))   # the run's own waits (a barrier while rank 0 captions) are long
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
 def _init_distributed(device):
     "Join the torchrun process group when WORLD_SIZE > 1; returns (rank, world, device)."
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = _dist_env()
     if world > 1 and torch.cuda.is_available():  # each rank on its own GPU (captioner, CLIP and every collective's tensors)
         from latteclip_nb.train import rank_device   # an explicit device (cpu, cuda:1) is kept
-        device = rank_device(device, int(os.environ.get("RANK", "0")), world)
+        device = rank_device(device, rank, world)
         if device.type == "cuda": torch.cuda.set_device(device.index)
     if world > 1 and not dist.is_initialized():
         # NCCL only takes CUDA tensors; gloo serves any CPU tensor a collective is handed (barriers, small counts)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        _join_group(rank, world, "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
 
@@ -481,6 +522,11 @@ def _interrupted(cfg) -> str:
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split("\n")).strip() or type(e).__name__
 
+def _as_typed(msg: str) -> str:
+    "A config error in the user's words: `classes_file='x'` as `--classes-file x`, `server_url` as `--server-url`."
+    flags = {f.name: _FLAGS.get(f.name, "--" + f.name.replace("_", "-")) for f in dataclasses.fields(ExperimentConfig)}
+    return in_flags(msg, {**flags, "base_url": "--server-url"}, switches={"resume", "deterministic"})
+
 def main(argv=None):
     """Entry point of `latteclip-train`."""
     args = vars(config_parser().parse_args(argv))
@@ -489,7 +535,7 @@ def main(argv=None):
     overwrite, report = args.pop("overwrite"), args.pop("report")
     if args.pop("print_config"):
         try: print(json.dumps(resolved_run(ExperimentConfig(**args)), indent=1))
-        except (ValueError, OSError) as e: sys.exit(f"latteclip-train: error: {_one_line(e)}")
+        except (ValueError, OSError) as e: sys.exit(f"latteclip-train: error: {_as_typed(_one_line(e))}")
         return
     cfg = None
     try:
@@ -502,7 +548,7 @@ def main(argv=None):
     # say what is wrong and what to do in their message: print that line, as latteclip-caption does
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("LATTECLIP_DEBUG"): raise
-        sys.exit(f"latteclip-train: error: {error_line(e, _out_of(cfg) if cfg else None, cache_root())}")
+        sys.exit(f"latteclip-train: error: {_as_typed(error_line(e, _out_of(cfg) if cfg else None, cache_root()))}")
     if m: print(json.dumps({k: m[k] for k in ("method", "recipe", "dataset", "top1", "zeroshot_top1", "paper_top1") if k in m}))
 
 # %% ../nbs/13c_experiment.ipynb #8fec8458

@@ -172,8 +172,12 @@ def build_tiny_llava(path, seed: int = 0, older_snapshot: bool = False) -> Path:
     try:
         _write_tiny_llava(tmp, seed, older_snapshot)
         os.replace(tmp, path)
-    except OSError:  # another process finished first
-        if not _is_model_folder(path): raise
+    except Exception as e:  # another process finished first; or a full disk (safetensors' writer says "os error 28")
+        if _is_model_folder(path): pass
+        elif isinstance(e, OSError) or "os error" in str(e):
+            from latteclip_nb.core import write_error
+            raise write_error(path, e) from None
+        else: raise
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return path
 

@@ -4,18 +4,18 @@
 
 # %% auto #0
 __all__ = ['LIST_SUFFIXES', 'gather_inputs', 'predict_images', 'write_predictions', 'predict_parser', 'predict_main',
-           'match_classes', 'labeled_folder', 'dataset_test_split', 'evaluate_classifier', 'eval_parser', 'eval_main']
+           'labeled_folder', 'dataset_test_split', 'evaluate_classifier', 'eval_parser', 'eval_main']
 
 # %% ../nbs/10a_predict.ipynb #a0c1e004
-import argparse, csv, io, json, os, re, sys, time
+import argparse, csv, io, json, os, re, sys, tempfile, time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .core import _atomic, check_device, default_data_root, progress_bar
-from .data import IMG_EXTENSIONS, Split, list_images, load_image
+from .core import _atomic, check_device, default_data_root, error_line, in_flags, progress_bar
+from .data import IMG_EXTENSIONS, Split, list_images, load_image, match_classes
 from .evaluate import evaluate, save_results
 from .train import Classifier, load_classifier
 
@@ -109,10 +109,18 @@ def _fail(prog: str, msg: str, code: int = 2) -> int:
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return code
 
+def _writable(out: Path, flag: str = "--out", file: bool = False):
+    "One line (as an OSError) when `out` (a folder, or with `file` a file) cannot be written: read-only, or under a file."
+    probe = out.expanduser().absolute().parent if file else out.expanduser().absolute()
+    while not probe.exists() and probe != probe.parent: probe = probe.parent
+    if not probe.is_dir(): raise OSError(f"{flag} {out}: {probe} is a file, not a folder; choose another {flag}")
+    try: fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-test-"); os.close(fd); os.unlink(tmp)
+    except OSError as e: raise OSError(e.errno, f"{flag} {out}: {probe} is not writable ({e.strerror}); choose a writable folder") from None
+
 def _load(folder, device):
     "(the classifier, None), or (None, the reason it cannot be loaded: a missing or damaged file, a device that is not there)."
     try: check_device(device); return load_classifier(folder, device=device), None
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e: return None, str(e).strip('"')
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e: return None, in_flags(str(e).strip('"'), dict(device="--device"))
 
 def predict_parser() -> argparse.ArgumentParser:
     """The arguments of `latteclip-predict`."""
@@ -137,6 +145,10 @@ def predict_main(argv=None) -> int:
     out = "predictions.jsonl" if a.jsonl and a.out == "predictions.csv" else a.out
     if out != "-" and Path(out).exists() and not a.overwrite:
         return _fail(prog, f"{out} exists: pass --overwrite to replace it, or choose another --out")
+    if out != "-" and Path(out).is_dir(): return _fail(prog, f"--out {out} is a folder: give a file name, e.g. {Path(out)/'predictions.csv'}")
+    try:
+        if out != "-": _writable(Path(out), file=True)
+    except OSError as e: return _fail(prog, str(e))
     clf, err = _load(a.classifier, a.device)
     if err: return _fail(prog, err)
     try: paths = gather_inputs(a.inputs)
@@ -145,7 +157,8 @@ def predict_main(argv=None) -> int:
     t0 = time.perf_counter()
     k = min(a.topk, len(clf.classnames))
     rows = predict_images(clf, paths, k, a.batch_size, a.num_workers, progress=not a.quiet)
-    counts = write_predictions(rows, out, k, a.jsonl, overwrite=a.overwrite)
+    try: counts = write_predictions(rows, out, k, a.jsonl, overwrite=a.overwrite)
+    except OSError as e: return _fail(prog, error_line(e, out))   # a full disk: nothing half-written is left
     secs = time.perf_counter() - t0
     print(f"{prog}: classified {counts['ok']} of {len(paths)} images on {clf.device} in {secs:.1f}s "
           f"({len(paths) / max(secs, 1e-9):.1f} images/s); {counts['error']} unreadable (status 'error' in their rows)"
@@ -154,19 +167,6 @@ def predict_main(argv=None) -> int:
     return 0
 
 # %% ../nbs/10a_predict.ipynb #a0c1e020
-def _key(name) -> str: return re.sub(r"[\W_]+", "", str(name).lower())
-
-def match_classes(names, classnames, source: str = "names") -> dict:
-    """{name: index of the class in `classnames` it matches, case, spaces and punctuation ignored}; a ValueError lists the unmatched."""
-    index = {}
-    for i, c in enumerate(classnames):
-        if _key(c) in index: raise ValueError(f"classes {classnames[index[_key(c)]]!r} and {c!r} differ only in case or punctuation")
-        index[_key(c)] = i
-    unknown = [n for n in names if _key(n) not in index]
-    if unknown:
-        raise ValueError(f"{source}: {unknown} match no class of the classifier (case and punctuation ignored); its classes are {list(classnames)}")
-    return {n: index[_key(n)] for n in names}
-
 def labeled_folder(root, classnames) -> Split:
     """A labeled Split of `root`/<class>/<images>, the sub-folders matched to the classifier's `classnames`."""
     root = Path(root).expanduser()
@@ -243,13 +243,16 @@ def eval_main(argv=None) -> int:
     out = Path(a.out or f"eval-{name}")
     if (out/"results.json").exists() and not a.overwrite:
         return _fail(prog, f"{out/'results.json'} exists: pass --overwrite to replace it, or choose another --out")
+    try: _writable(out)
+    except OSError as e: return _fail(prog, str(e))
     clf, err = _load(a.classifier, a.device)
     if err: return _fail(prog, err)
     clf.meta = {**clf.meta, "path": str(Path(a.classifier).resolve())}
     try:
         split = labeled_folder(a.test_root, clf.classnames) if a.test_root else dataset_test_split(a.dataset, clf.classnames, a.data_root)
     except (FileNotFoundError, ValueError, KeyError) as e: return _fail(prog, str(e).strip('"'))
-    r = evaluate_classifier(clf, split, out, a.batch_size, a.num_workers, source=str(a.test_root or a.dataset), overwrite=a.overwrite)
+    try: r = evaluate_classifier(clf, split, out, a.batch_size, a.num_workers, source=str(a.test_root or a.dataset), overwrite=a.overwrite)
+    except OSError as e: return _fail(prog, error_line(e, out))   # a full disk or a folder made read-only meanwhile
     worst = sorted((v, c) for c, v in r["per_class"].items() if v is not None)[:3]
     print(f"{prog}: top-1 {r['top1']:.2f}% on {r['n']} images ({r['unreadable']} unreadable, counted wrong); "
           f"worst classes: {', '.join(f'{c} {v:.1f}%' for v, c in worst)}; results in {out}/results.json, {out}/confusion.png")

@@ -99,7 +99,7 @@ def get_spec(name) -> DatasetSpec:
         return registry.DATASETS[key]
     if _looks_like_path(name):   # a mistyped folder is not an unknown dataset name
         raise FileNotFoundError(f"no such folder {Path(str(name)).expanduser().absolute()}: check the path of your image folder "
-                                f"(or give a dataset name: {', '.join(DATASETS)})")
+                                f"(or give a dataset name: {', '.join(dict.fromkeys([*DATASETS, 'shapes']))})")
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(dict.fromkeys([*DATASETS, 'shapes']))} "
                      f"(aliases: {', '.join(f'{a}={n}' for a, n in ALIASES.items())})")
 

@@ -78,19 +78,46 @@ def _train_split(cfg, split):
     keep = torch.randperm(len(split), generator=g)[:max(1, round(cfg.data_fraction * len(split)))].sort().values
     return split.subset(keep.tolist()), keep
 
-def _read_jsonl(path: Path) -> list:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+def _read_jsonl(path: Path, notes: list | None = None) -> list:
+    "The records of a JSON-lines file; a torn last line (a run killed mid-write) is left out with a note, any other bad line names the file."
+    if not path.is_file(): return []
+    lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    rows = []
+    for n, l in enumerate(lines, 1):
+        try: rows.append(json.loads(l))
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                if notes is not None: notes.append(f"the last line of {path} is cut off (the run was stopped while writing it); it is left out")
+                break
+            raise ValueError(f"{path}: line {n} is not JSON ({e.msg}); delete that line, or the file, and rerun latteclip-report") from None
+    return rows
+
+def _data_of_run(run_dir: Path, cfg):
+    "resolve_data for the run as recorded; data that is not where the run found it is one line naming the field and the path."
+    from latteclip_nb.experiment import resolve_data
+    from latteclip_nb.registry import _looks_like_path
+    try: return resolve_data(cfg)
+    except (FileNotFoundError, ValueError):
+        gone = [f"{k} {v}" for k, v in (("dataset", cfg.dataset), ("classes_file", cfg.classes_file), ("test_root", cfg.test_root),
+                                      ("data_root", cfg.data_root), ("split_file", cfg.split_file))
+                if v and (k != "dataset" or _looks_like_path(v)) and not Path(v).expanduser().exists()]
+        if not gone: raise
+        raise FileNotFoundError(f"{run_dir} was trained with {', '.join(gone)}, which is not there any more (moved, deleted, or a relative "
+                                f"path from another folder): the report reads the run's images from there; put them back (or run "
+                                f"latteclip-report from the folder the run was started in)") from None
 
 def load_run(run_dir) -> Run:
     """Everything the report shows about the finished run in `run_dir` (nothing is recomputed but the data's listing)."""
-    from latteclip_nb.experiment import recipe_spec, resolve_data
+    from latteclip_nb.experiment import recipe_spec
     run_dir = Path(run_dir)
     m, cfg = run_config(run_dir)
-    spec, sp = resolve_data(cfg)
+    spec, sp = _data_of_run(run_dir, cfg)
     spec = recipe_spec(cfg, spec)
     full = sp["train"]
     split, keep = _train_split(cfg, full)
-    run = Run(run_dir, m, cfg, spec, split, list(m.get("classnames") or split.classnames), steps=_read_jsonl(run_dir/"train"/"steps.jsonl"))
+    notes = []
+    run = Run(run_dir, m, cfg, spec, split, list(m.get("classnames") or split.classnames), steps=_read_jsonl(run_dir/"train"/"steps.jsonl", notes),
+              notes=notes)
     if m.get("model") and cfg.method in ("latteclip", "flyp_pl", "oracle"):
         got = cached_c_zs(full, spec.template, m["model"], m.get("pretrained"), spec.name)
         if got is None: run.notes.append(f"the zero-shot labels of this run are not in the cache ({cache_root()/'pseudo_labels'})")
@@ -491,5 +518,7 @@ def main(argv=None):
     try: path = write_report(a.run_dir, a.out or None, images_per_class=a.images_per_class, groups_per_class=a.groups_per_class, predict=a.predict)
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("LATTECLIP_DEBUG"): raise
-        sys.exit("latteclip-report: error: " + (" ".join(str(e).split()) or type(e).__name__))
+        from latteclip_nb.core import in_flags
+        flags = dict(dataset="--dataset", classes_file="--classes-file", test_root="--test-root", data_root="--data-root", split_file="--split-file")
+        sys.exit("latteclip-report: error: " + in_flags(" ".join(str(e).split()) or type(e).__name__, flags))
     print(path)

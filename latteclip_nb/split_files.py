@@ -213,7 +213,7 @@ def how_to_get(name, split_only: bool = False) -> str:
         split = "its split files (variants.txt, images_variant_*.txt) come with the archive in ROOT/fgvc_aircraft/"
     else:
         split = (f"get split_zhou_{_SPLIT_NAMES[spec.name]}.json from the links in DATASETS.md of the CoOp GitHub repository "
-                 f"(KaiyangZhou/CoOp) and put it at ROOT/{spec.split_file}, or pass splits(..., split_file=<path>)")
+                 f"(KaiyangZhou/CoOp) and put it at ROOT/{spec.split_file}, or give its path as split_file=<path>")
     if split_only: return split
     imgs = _MANUAL.get(spec.name, f"run latteclip_nb.data.download('{spec.name}', ROOT) to fetch the images with torchvision")
     return f"{imgs}; {split}"

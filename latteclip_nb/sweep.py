@@ -11,7 +11,7 @@ import dataclasses, json, os, subprocess, sys
 from pathlib import Path
 
 from .experiment import train_command
-from .experiment_config import ExperimentConfig
+from .experiment_config import PARAM_NAMES, ExperimentConfig
 from .recipes import paper_row, paper_top1
 
 # %% ../nbs/13d_sweep.ipynb #441936fd
@@ -25,7 +25,7 @@ _TRAIN = "import sys; from latteclip_nb.experiment import main; sys.argv[0] = 'l
 def _run_command(params: dict, d: Path, notebook) -> list:
     "The process that makes run `d`: `latteclip-train` with the run's flags, or papermill on `notebook` with its parameters."
     if notebook is None: return [sys.executable, "-c", _TRAIN, *train_command(params)[1:], "--out-dir", str(d)]
-    ps = [a for k, v in {**params, "out_dir": str(d.resolve())}.items() for a in ("-p", k, str(v))]
+    ps = [a for k, v in {**params, "out_dir": str(d.resolve())}.items() for a in ("-p", PARAM_NAMES.get(k, k), str(v))]   # model: clip_model
     return [sys.executable, "-m", "papermill", str(notebook), str(d/"experiment.ipynb"), *ps, "--cwd", str(Path(notebook).parent), "--no-progress-bar"]
 
 def sweep(grid: list, out_root, jobs: int = 1, threads: int = 0, notebook=None) -> list:

@@ -53,6 +53,10 @@ def _config_diff(saved: dict, cfg: TrainConfig) -> list:
 def _check_released_mixer(cfg: TrainConfig, n: int, dim: int, world: int = 1):
     "Raise a one-line ValueError when mixer='released' would meet a batch the released code could not run."
     micro = cfg.batch_size // (cfg.grad_accum * world)
+    if micro != dim and n < dim * cfg.grad_accum * world:   # the batch was cut to the dataset's size: no batch_size can help
+        raise ValueError(f"mixer='released' needs full batches of the embedding width D={dim} per process (the released code multiplies "
+                         f"a [B] weight into [B, D] features), but the training split has only {n} images, fewer than one batch of "
+                         f"{dim * cfg.grad_accum * world}: use mixer='eq1' (the paper's), or train on more images")
     if micro != dim:
         raise ValueError(f"mixer='released' needs batches of the embedding width D={dim} per process and micro-batch (the released code "
                          f"multiplies a [B] weight into [B, D] features), got batch_size={cfg.batch_size} / (grad_accum={cfg.grad_accum} "

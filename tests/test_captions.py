@@ -368,7 +368,7 @@ def test_read_only_store_and_full_disk_are_one_line_and_leave_the_store_intact(t
         if str(path).endswith(".jsonl"): raise OSError(errno.EROFS, "Read-only file system")
         return real_open(path, *a, **kw)
     monkeypatch.setattr(C.os, "open", ro)
-    with pytest.raises(RuntimeError, match=r"caption store .* is not writable \(Read-only file system\): pass --out"):
+    with pytest.raises(RuntimeError, match=r"caption store .* is not writable \(Read-only file system\): pass --captions-dir"):
         describe_dataset(spec, split, c_zs, PixelCaptioner(), out, kinds=("image",))
     monkeypatch.setattr(C.os, "open", real_open)
     t = describe_dataset(spec, split, c_zs, PixelCaptioner(), out, kinds=("image",))   # space again: it completes

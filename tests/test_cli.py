@@ -122,7 +122,7 @@ def test_walkthrough_against_transformers_serve(domain, tiny_llava, server):
     assert r.returncode == 0 and "ignor" not in r.stderr.lower(), r.stderr[-3000:]        # no warning that a tag was ignored
     r = _cmd("latteclip-train", [*data, "--clip-model", f"local-dir:{clf}", "--pretrained", "laion2b_s34b_b79k",
                                  "--out-dir", root / "runs" / "bad"], env, root)
-    _one_line_failure(r, "drop pretrained='laion2b_s34b_b79k'")
+    _one_line_failure(r, "drop --pretrained laion2b_s34b_b79k")
 
 
 def test_old_spellings_work_with_a_note(domain):
@@ -213,9 +213,9 @@ def test_predict_and_eval_device_and_damaged_files(domain, tmp_path):
     if not clf.exists(): pytest.skip("needs the walkthrough's classifier")
     img = next((root / "birds" / "unlabeled").glob("*.png"))
     if not torch.cuda.is_available():
-        _one_line_failure(_cmd("latteclip-predict", [clf, img, "--device", "cuda", "--out", tmp_path / "p.csv"], env, tmp_path), "cuda", "device=cpu")
+        _one_line_failure(_cmd("latteclip-predict", [clf, img, "--device", "cuda", "--out", tmp_path / "p.csv"], env, tmp_path), "cuda", "--device cpu")
         _one_line_failure(_cmd("latteclip-eval", [clf, "--test-root", root / "birds" / "test", "--device", "cuda", "--out", tmp_path / "e"],
-                               env, tmp_path), "cuda", "device=cpu")
+                               env, tmp_path), "cuda", "--device cpu")
     for name in ("classifier.safetensors", "open_clip_model.safetensors"):
         bad = tmp_path / f"bad-{name}"
         shutil.copytree(clf, bad)

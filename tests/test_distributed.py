@@ -105,11 +105,11 @@ import latteclip_nb.train as T
 def test_init_distributed_gives_both_device_types_a_backend(monkeypatch):
     """Defect: the group was created with "nccl" alone, so _same_size's CPU tensor had no backend on a GPU box."""
     seen = {}
-    monkeypatch.setenv("WORLD_SIZE", "2"); monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2"); monkeypatch.setenv("RANK", "1"); monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.setdefault("set_device", i))
     monkeypatch.setattr(E.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(E.dist, "init_process_group", lambda backend=None, **kw: seen.setdefault("backend", backend))
+    monkeypatch.setattr(E, "_join_group", lambda rank, world, backend: seen.setdefault("backend", backend))   # the rendezvous
     rank, world, device = E._init_distributed(torch.device("cuda"))
     assert seen == {"set_device": 1, "backend": "cpu:gloo,cuda:nccl"}
     assert device == torch.device("cuda", 1)
@@ -135,11 +135,11 @@ def test_make_captioner_asks_for_the_rank_device(monkeypatch):
     asked = []
     monkeypatch.setattr(C, "build_captioner", lambda *a, **kw: asked.append(kw.get("device")) or "captioner")
     for local in (0, 1):
-        monkeypatch.setenv("WORLD_SIZE", "2"); monkeypatch.setenv("LOCAL_RANK", str(local))
+        monkeypatch.setenv("WORLD_SIZE", "2"); monkeypatch.setenv("RANK", str(local)); monkeypatch.setenv("LOCAL_RANK", str(local))
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
         monkeypatch.setattr(E.dist, "is_initialized", lambda: False)
-        monkeypatch.setattr(E.dist, "init_process_group", lambda *a, **kw: None)
+        monkeypatch.setattr(E, "_join_group", lambda *a, **kw: None)
         device = E._init_distributed(torch.device("cuda"))[2]
         assert E.make_captioner(E.ExperimentConfig(dataset="shapes", captioner="llava"), None, device) == "captioner"
     assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]

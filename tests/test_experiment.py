@@ -94,7 +94,7 @@ def test_cli_finished_run_is_not_replaced_by_another_config(world):
     before = (out / "metrics.json").read_bytes()
     r = _cli(base + ["--alpha", "0.5"], env, root)                       # another config into the finished folder
     err = _last_line(r)
-    assert r.returncode != 0 and "alpha: 0.99 -> 0.5" in err and "new out_dir" in err and "--overwrite" in err, r.stderr[-2000:]
+    assert r.returncode != 0 and "alpha: 0.99 -> 0.5" in err and "new --out-dir" in err and "--overwrite" in err, r.stderr[-2000:]
     assert (out / "metrics.json").read_bytes() == before
     assert _cli(base + ["--num-workers", "1"], env, root).returncode == 0   # workers do not change the numbers: same run
     assert (out / "metrics.json").read_bytes() == before
@@ -122,10 +122,10 @@ def test_interrupted_run_with_another_config_and_no_resume(world):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--lr", "-1"], ["lr=-1.0", ">= 0"]),
-    (["--epochs", "0", "--max-steps", "-3"], ["max_steps=-3"]),
+    (["--lr", "-1"], ["--lr -1.0", ">= 0"]),
+    (["--epochs", "0", "--max-steps", "-3"], ["--max-steps -3"]),
     (["--dataset", "./no/such/folder"], ["no such folder", "no/such/folder"]),
-    (["--data-root", "/no/such/root"], ["data_root", "no such folder"]),
+    (["--data-root", "/no/such/root"], ["--data-root /no/such/root", "no such folder"]),
     (["--device", "cuda:7"], ["cuda:7"]),
 ])
 def test_cli_bad_config_fails_in_one_line_before_any_work(world, tmp_path, extra, words):
@@ -203,7 +203,7 @@ def test_cli_custom_folder_without_weights_offline_fails_at_once(world, tmp_path
     r = _cli(["--dataset", str(root / "data" / "dtd" / "images"), "--classes-file", str(tmp_path / "classes.txt"),
               "--out-dir", str(tmp_path / "out"), "--num-workers", "0"], env, root)
     err = _last_line(r)
-    assert r.returncode != 0 and "offline" in err and "pretrained=" in err and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "offline" in err and "--pretrained" in err and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 

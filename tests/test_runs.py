@@ -172,7 +172,7 @@ def test_report_to_a_missing_tracker_is_one_line_before_any_work(world, tmp_path
     r = _train(["--dataset", "dtd", "--data-root", root / "data", "--out-dir", tmp_path / "o", "--report-to", "wandb", *TINY], env, root)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     err = r.stderr.strip().splitlines()[-1]
-    assert "report_to='wandb' needs the wandb package" in err and "pip install wandb" in err
+    assert "--report-to wandb needs the wandb package" in err and "pip install wandb" in err
     assert not (tmp_path / "o").exists()
 
 
