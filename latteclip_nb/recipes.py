@@ -69,7 +69,7 @@ PAPER_TABLE1 = {m: PAPER_TABLES["Table 1"][r] for m, r in _TABLE1_ROW.items()}  
 # LatteCLIP's ablation fields at the paper's setting, and the settings (differences from it) the tables report
 _LATTE_BASE = dict(use_class=True, use_image=True, use_group=True, use_mixer=True, use_zs=True, use_ft=True, alpha=0.99,
                    momentum=0.0, ft_ablation="drop_term", proto_update="target", group_sampling="class", text_grad="exact",
-                   images_per_group=4, group_gt_correct=-1, data_fraction=1.0, groups_per_class=0)
+                   images_per_group=4, group_gt_correct=-1, data_fraction=1.0, groups_per_class=0, wise_alpha=1.0)
 _LATTE_ROWS = [
     ({}, "Table 1", "LatteCLIP"),
     (dict(use_group=False), "Table 2", "class + image (no group)"),
