@@ -12,7 +12,7 @@ __all__ = ['LLAVA_MODEL', 'LLAVA_PINPOINTS', 'TINY_SPECIAL', 'TINY_TEXT', 'TINY_
            'compile_support', 'decoding_path', 'decode_kwargs', 'InProcessCaptioner', 'LlavaCaptioner']
 
 # %% ../nbs/05_llava.ipynb #c71b3ba2
-import hashlib, json, logging, os, shutil, tempfile, time
+import hashlib, importlib.util, json, logging, os, shutil, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,8 +329,7 @@ def compile_support(model) -> str:
     if dev.type != "cuda": return f"no CUDA device ({dev.type})"
     major, minor = torch.cuda.get_device_capability(dev)
     if major < 7: return f"compute capability {major}.{minor}: torch.compile's GPU kernels need 7.0 or newer"
-    try: import triton  # noqa: F401
-    except ImportError: return "triton is not installed"
+    if importlib.util.find_spec("triton") is None: return "triton is not installed"
     q = getattr(model, "hf_quantizer", None)
     if q is not None and not q.is_compileable: return f"transformers does not compile {type(q).__name__} models"
     return ""

@@ -204,8 +204,10 @@ def test_released_loader_resume(tmp_path):
 def test_released_mixer_batch_refused_in_one_line(tmp_path):
     """mixer='released' runs only with micro-batches of the embedding width (64 for latte-tiny), every one of them full."""
     base = dict(epochs=1, warmup_steps=1, lr=1e-4, model_name="latte-tiny", mixer="released")
-    for cfg, n, words in [(TrainConfig(batch_size=8, **base), 24, ["D=64", "= 8", "set batch_size=64", "mixer='eq1'"]),
-                          (TrainConfig(batch_size=64, grad_accum=2, **base), 24, ["= 32", "set batch_size=128"]),
+    for cfg, n, words in [(TrainConfig(batch_size=8, **base), 70, ["D=64", "= 8", "set batch_size=64", "mixer='eq1'"]),
+                          (TrainConfig(batch_size=64, grad_accum=2, **base), 130, ["= 32", "set batch_size=128"]),
+                          # a split smaller than one batch of the width: no batch_size can help, and the line says so
+                          (TrainConfig(batch_size=8, **base), 24, ["only 24 images", "fewer than one batch of 64", "mixer='eq1'"]),
                           (TrainConfig(batch_size=64, **base), 70, ["every batch full", "last batch of 6", "released_workers"])]:
         with pytest.raises(ValueError) as e: run(tmp_path / "a", cfg, tmp_path / f"w{n}", n=n)
         assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
