@@ -33,7 +33,8 @@ FIGURES = [
     ("94_descriptions_map", "fig = plot_map(fr)"),
 ]
 # calls that return None by design: a cell ending in one of them shows nothing
-NO_DISPLAY = {"set_num_threads", "rmtree", "set_grad_checkpointing", "close", "tight_layout", "seed_everything"}
+NO_DISPLAY = {"set_num_threads", "rmtree", "set_grad_checkpointing", "close", "tight_layout", "seed_everything",
+              "test_eq", "test_ne", "test_close", "test_fail", "test_is", "test_eq_type"}   # calls that return None
 MACHINE_PATHS = re.compile(r"/root/|/home/\w|/tmp/|/var/tmp/|/work/|/Users/\w|[A-Z]:\\\\Users")
 
 
