@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['log', 'RUN_LOGS', 'seed_everything', 'get_device', 'check_device', 'deprecated_flag', 'write_error',
            'atomic_write_bytes', 'atomic_write_json', 'atomic_torch_save', 'read_json', 'FolderInUse', 'lock_holder',
-           'RunLock', 'PlainProgress', 'progress_bar', 'LogProgress', 'TeeProgress', 'error_line', 'in_flags',
-           'cache_root', 'check_cache', 'default_data_root', 'file_keys', 'replace_marked', 'write_readme_block']
+           'RunLock', 'ProgressProtocol', 'PlainProgress', 'progress_bar', 'LogProgress', 'TeeProgress', 'error_line',
+           'in_flags', 'cache_root', 'check_cache', 'default_data_root', 'file_keys', 'replace_marked',
+           'write_readme_block']
 
 # %% ../nbs/00_core.ipynb #47c35b18
 import hashlib, json, logging, os, random, tempfile
@@ -196,7 +197,19 @@ def _interactive(stream) -> bool:
     try: return stream.isatty()
     except (AttributeError, ValueError): return False
 
-class PlainProgress:
+class ProgressProtocol:
+    """What every progress object shares: iterate (counting each item), a length, and use as a context manager."""
+    def __iter__(self):
+        for x in self.iterable:
+            yield x
+            self.update()
+        self.close()
+
+    def __len__(self): return self.total or 0
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+class PlainProgress(ProgressProtocol):
     """The part of tqdm's interface the package uses, printed as plain lines at most every `every` seconds."""
     def __init__(self, iterable=None, total=None, desc: str = "", unit: str = "it", initial: int = 0, disable: bool = False,
                  every: float | None = None, file=None, **_):
@@ -233,15 +246,6 @@ class PlainProgress:
         if not self.disable and self.printed and self.last != -1: self._print()
         self.last, self.disable = -1, True
 
-    def __iter__(self):
-        for x in self.iterable:
-            yield x
-            self.update()
-        self.close()
-
-    def __len__(self): return self.total or 0
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
 
 def progress_bar(iterable=None, **kw):
     """A tqdm bar in a terminal; plain lines in a notebook (`LogProgress`) and elsewhere (`PlainProgress`); an open run log gets plain lines too."""
@@ -273,7 +277,7 @@ def _one_bar(iterable=None, **kw):
         return tqdm(iterable, **kw)
     return PlainProgress(iterable, **plain)
 
-class TeeProgress:
+class TeeProgress(ProgressProtocol):
     """One task's progress shown by the console's bar and written as plain lines into every open run log."""
     def __init__(self, iterable=None, **kw):
         self.iterable = iterable
@@ -295,14 +299,7 @@ class TeeProgress:
     def close(self):
         """Close every bar (the logs get their closing line)."""
         for b in self.bars: b.close()
-    def __iter__(self):
-        for x in self.iterable:
-            yield x
-            self.update()
-        self.close()
-    def __len__(self): return self.total or 0
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.close()
+
 
 # %% ../nbs/00_core.ipynb #aa189c56
 def error_line(e: BaseException, *places) -> str:
