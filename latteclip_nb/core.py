@@ -6,7 +6,7 @@
 __all__ = ['log', 'RUN_LOGS', 'seed_everything', 'get_device', 'check_device', 'deprecated_flag', 'write_error',
            'atomic_write_bytes', 'atomic_write_json', 'atomic_torch_save', 'read_json', 'FolderInUse', 'lock_holder',
            'RunLock', 'ProgressProtocol', 'PlainProgress', 'progress_bar', 'LogProgress', 'TeeProgress', 'error_line',
-           'in_flags', 'cache_root', 'check_cache', 'default_data_root', 'file_keys', 'replace_marked',
+           'error_of', 'in_flags', 'cache_root', 'check_cache', 'default_data_root', 'file_keys', 'replace_marked',
            'write_readme_block']
 
 # %% ../nbs/00_core.ipynb #47c35b18
@@ -309,6 +309,14 @@ def error_line(e: BaseException, *places) -> str:
     if getattr(e, "errno", None) in _FULL and where and not any(w in msg for w in where):
         msg += f" (while writing under {' or '.join(where)}): free some space there, or choose a folder on another disk, then rerun"
     return msg
+
+def error_of(fn, exc=ValueError) -> str:
+    """The one-line message of the `exc` that `fn()` raises; fails when it raises none, or a message of several lines."""
+    try: fn()
+    except exc as e:
+        assert "\n" not in str(e), str(e)
+        return str(e)
+    raise AssertionError(f"{fn} did not raise {getattr(exc, '__name__', exc)}")
 
 # %% ../nbs/00_core.ipynb #0f07a380
 def in_flags(msg: str,
