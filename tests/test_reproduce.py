@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT/"scripts"/"reproduce.py"
-BLOCKS = ("shapes-results", "shapes-worlds", "shapes-ablations", "shapes-groups", "shapes-augment", "premise", "descriptions-map")
+BLOCKS = ("shapes-results", "shapes-worlds", "shapes-ablations", "shapes-groups", "shapes-augment", "shapes-wise", "premise", "descriptions-map")
 
 
 def _reproduce(args, tmp_path):
