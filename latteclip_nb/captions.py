@@ -143,6 +143,26 @@ def merge_captions(store: CaptionStore, work: Work, model: str, reload: bool = T
     return texts, []
 
 # %% ../nbs/05c_captions.ipynb #4952ab0e
+def _write_shard(spec, split, captioner, out_dir, store, items, pending, shard, num_shards, batch_size, workers, wait):
+    "Caption this shard's pending items into the store under the shard's lock, after claiming the job's sharding."
+    model = captioner.model_id
+    missing = sum(not store.done(it.key(model)) for it in items) if store is not None else len(items)
+    claim_sharding(out_dir, items, model, num_shards, missing)   # another --num-shards on this unfinished job: refused
+    if store is not None: store.close()
+    # the shard's lock is held only while there is work; a second run of the same shard waits, then finds it done
+    with CaptionStore(out_dir, shard=shard, wait=wait) as writer:
+        counts = run_captioner(captioner, split, pending(writer), writer, batch_size, workers,
+                               desc=f"{spec.name} captions" + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""))
+    log.info(f"shard {shard}: wrote {counts.get('done', 0)} captions ({counts.get('empty', 0)} empty, "
+             f"{counts.get('too_long', 0)} over {CLIP_TEXT_TOKENS} CLIP tokens, {counts.get('unreadable', 0)} unreadable images)")
+
+def _warn_stats(name: str, s: dict, model: str):
+    "One warning for the empty, over-long and unreadable captions of a merged job (kept as the describer wrote them)."
+    bad = [f"{s[k][f]} {'over-long' if f == 'too_long' else f} {k}" for k in ("image", "group") for f in ("empty", "too_long") if s[k][f]]
+    if s["unreadable"]: bad.append(f"{s['unreadable']} unreadable-image")
+    if bad: log.warning(f"{name}: {', '.join(bad)} captions, kept as {model} wrote them "
+                        f"(over-long = more than {CLIP_TEXT_TOKENS} CLIP tokens: CLIP truncates them)")
+
 def describe_dataset(
     spec,                        # DatasetSpec: prompts of the domain
     split,                       # the training Split (split order = Texts order)
@@ -180,15 +200,7 @@ def describe_dataset(
     log.info(f"{spec.name}: {len(items)} captions by {model}, {len(items) - len(todo)} known or in other shards, "
              f"{len(todo)} to do in shard {shard}/{num_shards}")
     if todo and not read_only:
-        missing = sum(not store.done(it.key(model)) for it in items) if store is not None else len(items)
-        claim_sharding(out_dir, items, model, num_shards, missing)   # another --num-shards on this unfinished job: refused
-        if store is not None: store.close()
-        # the shard's lock is held only while there is work; a second run of the same shard waits, then finds it done
-        with CaptionStore(out_dir, shard=shard, wait=wait) as writer:
-            counts = run_captioner(captioner, split, pending(writer), writer, batch_size, workers,
-                                   desc=f"{spec.name} captions" + (f" [{shard}/{num_shards}]" if num_shards > 1 else ""))
-        log.info(f"shard {shard}: wrote {counts.get('done', 0)} captions ({counts.get('empty', 0)} empty, "
-                 f"{counts.get('too_long', 0)} over {CLIP_TEXT_TOKENS} CLIP tokens, {counts.get('unreadable', 0)} unreadable images)")
+        _write_shard(spec, split, captioner, out_dir, store, items, pending, shard, num_shards, batch_size, workers, wait)
         store = None
     if barrier is not None: barrier(); fresh = False   # the other shards have finished: read what they wrote
     if store is None or not fresh:
@@ -204,11 +216,7 @@ def describe_dataset(
         log.info(f"{msg}; this shard is complete, the others are not yet: run them, then rerun any shard to merge")
         return None
     if not read_only: release_sharding(out_dir, items, model)
-    s = texts.stats
-    bad = [f"{s[k][f]} {'over-long' if f == 'too_long' else f} {k}" for k in ("image", "group") for f in ("empty", "too_long") if s[k][f]]
-    if s["unreadable"]: bad.append(f"{s['unreadable']} unreadable-image")
-    if bad: log.warning(f"{spec.name}: {', '.join(bad)} captions, kept as {model} wrote them "
-                        f"(over-long = more than {CLIP_TEXT_TOKENS} CLIP tokens: CLIP truncates them)")
+    _warn_stats(spec.name, texts.stats, model)
     return texts
 
 # %% ../nbs/05c_captions.ipynb #44f989c5
