@@ -6,8 +6,7 @@
 __all__ = ['log', 'RUN_LOGS', 'seed_everything', 'get_device', 'check_device', 'deprecated_flag', 'write_error',
            'atomic_write_bytes', 'atomic_write_json', 'atomic_torch_save', 'read_json', 'FolderInUse', 'lock_holder',
            'RunLock', 'ProgressProtocol', 'PlainProgress', 'progress_bar', 'LogProgress', 'TeeProgress', 'error_line',
-           'error_of', 'in_flags', 'cache_root', 'check_cache', 'default_data_root', 'file_keys', 'replace_marked',
-           'write_readme_block']
+           'error_of', 'in_flags', 'cache_root', 'check_cache', 'default_data_root', 'file_keys', 'replace_marked']
 
 # %% ../nbs/00_core.ipynb #47c35b18
 import hashlib, json, logging, os, random, tempfile
@@ -412,18 +411,3 @@ def replace_marked(text: str,         # the whole file
         raise ValueError(f"{where} needs exactly one '{start}' followed by one '{end}': put the two markers back around the block")
     head, rest = text.split(start); _, tail = rest.split(end)
     return head + start + "\n" + body + "\n" + end + tail
-
-def write_readme_block(root,  # the repository: README.md and nbs/index.ipynb under it
-                       name,  # the block's name
-                       body,  # its new content (markdown)
-                      ) -> list:
-    """Write `body` into the `name` block of README.md and of the home page `nbs/index.ipynb`; returns both paths."""
-    root = Path(root); readme, index = root/"README.md", root/"nbs"/"index.ipynb"
-    nb = json.loads(index.read_text(encoding="utf-8"))
-    cells = [c for c in nb["cells"] if c["cell_type"] == "markdown" and f"<!-- {name}:start -->" in "".join(c["source"])]
-    if len(cells) != 1: raise ValueError(f"{index} needs the '<!-- {name}:start -->' block in exactly one markdown cell, found {len(cells)}")
-    new_readme = replace_marked(readme.read_text(encoding="utf-8"), name, body, readme)
-    cells[0]["source"] = replace_marked("".join(cells[0]["source"]), name, body, index).splitlines(True)
-    atomic_write_bytes(index, (json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-    atomic_write_bytes(readme, new_readme.encode("utf-8"))
-    return [readme, index]

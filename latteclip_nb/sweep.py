@@ -4,12 +4,14 @@
 
 # %% auto #0
 __all__ = ['run_dir', 'sweep', 'collect', 'command_of', 'summarize', 'markdown_table', 'result_table', 'compare_table',
-           'paired_diff', 'mean_std', 'record_block']
+           'paired_diff', 'mean_std', 'block_pages', 'find_block', 'read_block', 'rebase_links', 'write_block',
+           'record_block']
 
 # %% ../nbs/13d_sweep.ipynb #cd8b1a1d
-import dataclasses, json, os, subprocess, sys
+import dataclasses, json, os, re, subprocess, sys
 from pathlib import Path
 
+from .core import atomic_write_bytes, replace_marked
 from .experiment import train_command
 from .experiment_config import PARAM_NAMES, ExperimentConfig
 from .recipes import paper_row, paper_top1
@@ -134,10 +136,65 @@ def mean_std(x, sign="") -> str:
     if x.empty: return ""
     return f"{round(x.mean(), 2) + 0:{sign}.2f}" + (f" ± {x.std():.2f}" if len(x) > 1 else "")
 
+# %% ../nbs/13d_sweep.ipynb #eae62b4e
+def block_pages(root) -> list:
+    "The pages that can hold a generated block: README.md (the home page) and the markdown pages `nbs/*.md`."
+    root = Path(root)
+    return [p for p in [root/"README.md", *sorted((root/"nbs").glob("*.md"))] if p.is_file()]
+
+def find_block(root, name: str) -> Path:
+    """The one page under `root` that holds the block `<!-- name:start -->`; a one-line error when none or several do."""
+    start = f"<!-- {name}:start -->"
+    pages = block_pages(root)
+    found = [p for p in pages if start in p.read_text(encoding="utf-8")]
+    if len(found) != 1:
+        where = ", ".join(p.relative_to(root).as_posix() for p in (found or pages)) or "no page"
+        fix = "keep its markers in one of them" if found else "put its two markers into the page that should show it"
+        raise ValueError(f"the block '{start}' must stand in exactly one page, found {len(found)} "
+                         f"({'in ' if found else 'among '}{where}): {fix}")
+    return found[0]
+
+def read_block(root, name: str) -> str:
+    "The content of the `name` block as it stands in its page (its links relative to that page)."
+    text = find_block(root, name).read_text(encoding="utf-8")
+    return text.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0].strip("\n")
+
+_LINK = re.compile(r"(\]\()([^)\s]+)(\))")
+
+def rebase_links(md: str, root, page) -> str:
+    "`md` with each relative link target, written relative to `root`, made relative to the folder of `page`."
+    def one(m):
+        target = m.group(2)
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:|[#/]", target): return m.group(0)   # a URL, an anchor, an absolute path
+        path, hash_, frag = target.partition("#")
+        rel = os.path.relpath(Path(root)/path, Path(page).parent).replace(os.sep, "/")
+        return m.group(1) + rel + hash_ + frag + m.group(3)
+    return _LINK.sub(one, md)
+
+def write_block(root,  # the repository
+                name,  # the block's name, as in `<!-- name:start -->`
+                body,  # its new content (markdown, links relative to the repository root)
+               ) -> list:
+    """Write `body` into the `name` block of the one page that holds it (README.md together with the home page
+    `nbs/index.ipynb`); returns the files written."""
+    root = Path(root); page = find_block(root, name)
+    body = rebase_links(body, root, page)
+    text = replace_marked(page.read_text(encoding="utf-8"), name, body, page)
+    written = [page]
+    if page == root/"README.md":
+        index = root/"nbs"/"index.ipynb"
+        nb = json.loads(index.read_text(encoding="utf-8"))
+        cells = [c for c in nb["cells"] if c["cell_type"] == "markdown" and f"<!-- {name}:start -->" in "".join(c["source"])]
+        if len(cells) != 1: raise ValueError(f"{index} needs the '<!-- {name}:start -->' block in exactly one markdown cell, found {len(cells)}")
+        cells[0]["source"] = replace_marked("".join(cells[0]["source"]), name, body, index).splitlines(True)
+        atomic_write_bytes(index, (json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+        written.append(index)
+    atomic_write_bytes(page, text.encode("utf-8"))
+    return written
+
 # %% ../nbs/13d_sweep.ipynb #5cc1fe53
 def record_block(name: str, md: str, runs, command: str, root="..") -> Path:
-    """Write `md` into README's `name` block with the command and commit that made it; its runs go to docs/results/<name>.csv."""
-    from latteclip_nb.core import write_readme_block
+    """Write `md` into the `name` block of its page with the command and commit that made it; its runs go to docs/results/<name>.csv."""
     missing = {"seed", "top1", "git_commit", "command"} - set(runs.columns)
     if missing: raise ValueError(f"record_block({name!r}): the runs need the columns {', '.join(sorted(missing))} (see collect)")
     runs = runs.reset_index(drop=True).assign(reproduce=False)
@@ -154,5 +211,5 @@ def record_block(name: str, md: str, runs, command: str, root="..") -> Path:
             f"one row per table row ({len(runs)} rows of {n_runs} distinct runs, a run shared by tables once in each")
     line = (f"Written by `{command}` from runs made at commit {at}{dirty}; {rows}: labels, seed, "
             f"top-1 and the command that reruns it) in [docs/results/{name}.csv](docs/results/{name}.csv), checked by `make reproduce`.")
-    write_readme_block(root, name, md.rstrip() + "\n\n" + line)
+    write_block(root, name, md.rstrip() + "\n\n" + line)
     return csv
