@@ -1,9 +1,10 @@
-"""Rerun one recorded run of every generated README block and check that the current code still gives its top-1.
+"""Rerun one recorded run of every generated block and check that the current code still gives its top-1.
 
-Each generated block (the shapes results, the ablations, the premise study, the map of when descriptions help) keeps
-its runs in `docs/results/<block>.csv`, one row per run with the `latteclip-train` line that reruns it; one row is
-marked `reproduce`. This script reruns that row (into a temporary folder, with the user's cache for zero-shot labels,
-captions and rendered worlds, which are keyed by content) and fails when its top-1 moved by more than the tolerance.
+Each generated block (the shapes results on the home page README.md; the other worlds, the ablations, the premise
+study and the map of when descriptions help on nbs/results.md) keeps its runs in `docs/results/<block>.csv`, one row
+per run with the `latteclip-train` line that reruns it; one row is marked `reproduce`. This script reruns that row
+(into a temporary folder, with the user's cache for zero-shot labels, captions and rendered worlds, which are keyed
+by content) and fails when its top-1 moved by more than the tolerance.
 
     python scripts/reproduce.py                       # every block under docs/results (make reproduce)
     python scripts/reproduce.py shapes-results        # one block (make reproduce BLOCKS=shapes-results)

@@ -242,9 +242,22 @@ def test_readme_matches_index():
 
 
 def test_sidebar_lists_every_notebook():
-    """nbs/sidebar.yml (the documentation's table of contents) names every notebook, in reading order."""
-    listed = [l.strip()[2:] for l in (NBS / "sidebar.yml").read_text().splitlines() if l.strip().startswith("- ")]
+    """nbs/sidebar.yml (the documentation's table of contents) names every notebook, in reading order, and every
+    markdown page of nbs/ (results, speed, ...), in sections."""
+    lines = [l.strip() for l in (NBS / "sidebar.yml").read_text().splitlines()]
+    listed = [l[2:] for l in lines if l.startswith("- ") and l.endswith(".ipynb")]
     assert listed == ["index.ipynb"] + sorted(p.name for p in NOTEBOOKS if p.name != "index.ipynb")
+    pages = [l.split(":", 1)[1].strip() for l in lines if l.startswith("href:")]
+    assert sorted(pages) == sorted(p.name for p in NBS.glob("*.md"))
+    assert [l for l in lines if l.startswith("- section:")], "the sidebar is divided into sections"
+
+
+def test_markdown_pages_link_what_exists():
+    """README.md and the pages nbs/*.md link files that exist, each relative to the page it stands in."""
+    for page in [REPO / "README.md", *sorted(NBS.glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:|#", target): continue
+            assert (page.parent / target.split("#")[0]).exists(), f"{page.relative_to(REPO)} links {target}, which does not exist"
 
 
 def test_page_processing_of_every_notebook_succeeds(tmp_path):

@@ -1,4 +1,5 @@
-"""`latteclip-predict`, `latteclip-eval` and the open_clip-only README snippet on a shapes-world classifier trained a few steps."""
+"""`latteclip-predict`, `latteclip-eval` and the open_clip-only snippet of the walkthrough (nbs/own_domain.md) on a shapes-world
+classifier trained a few steps."""
 import csv, json, os, re, shutil, subprocess, sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from latteclip_nb.predict import eval_main, predict_main
 from latteclip_nb.train import load_classifier
 
 BIN = Path(sys.executable).parent
-README = Path(__file__).resolve().parents[1] / "README.md"
+WALKTHROUGH = Path(__file__).resolve().parents[1] / "nbs" / "own_domain.md"   # "Your own domain, end to end"
 
 
 @pytest.fixture(scope="module")
@@ -144,17 +145,16 @@ def test_predict_exit_codes(run, tmp_path):
 
 
 def _readme_snippet() -> str:
-    text = README.read_text()
-    section = text[text.index("## Your own domain, end to end"):]
-    section = section[:section.index("\n## ", 3)]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    text = WALKTHROUGH.read_text()
+    assert text.startswith("# Your own domain, end to end")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     code = [b for b in blocks if "local-dir:" in b]
-    assert len(code) == 1, "README's walkthrough must hold one open_clip-only python snippet"
+    assert len(code) == 1, "the walkthrough (nbs/own_domain.md) must hold one open_clip-only python snippet"
     return code[0]
 
 
 def test_readme_snippet_uses_open_clip_alone(run, tmp_path):
-    """The README's snippet, run where latteclip_nb is never imported, prints the package's predictions."""
+    """The walkthrough's snippet, run where latteclip_nb is never imported, prints the package's predictions."""
     snippet = _readme_snippet()
     assert len(snippet.strip().splitlines()) <= 8
     m = re.search(r'^folder, image = "([^"]+)", "([^"]+)"$', snippet, flags=re.M)

@@ -1,5 +1,6 @@
-"""The written record follows from the code: every generated README block names its command and commit and keeps its
-runs in docs/results, and `scripts/reproduce.py` (make reproduce) reruns a recorded run and fails when it moved."""
+"""The written record follows from the code: every generated block (on the home page README.md or a page nbs/*.md)
+names its command and commit and keeps its runs in docs/results, and `scripts/reproduce.py` (make reproduce) reruns
+a recorded run and fails when it moved."""
 import csv, os, re, subprocess, sys
 from pathlib import Path
 
@@ -15,8 +16,15 @@ def _reproduce(args, tmp_path):
     return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=900)
 
 
+def _page(name: str) -> Path:
+    """The one page (README.md or nbs/*.md) that holds the block."""
+    pages = [p for p in [ROOT/"README.md", *sorted((ROOT/"nbs").glob("*.md"))] if f"<!-- {name}:start -->" in p.read_text(encoding="utf-8")]
+    assert len(pages) == 1, f"{name}: the block stands in {len(pages)} pages: {pages}"
+    return pages[0]
+
+
 def _block(name: str) -> str:
-    text = (ROOT/"README.md").read_text(encoding="utf-8")
+    text = _page(name).read_text(encoding="utf-8")
     return text.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
 
 
@@ -28,6 +36,8 @@ def test_block_names_command_commit_and_runs(name):
     assert (ROOT/m.group(1).split()[1]).is_file()
     path = ROOT/"docs"/"results"/f"{name}.csv"
     assert f"docs/results/{name}.csv" in body and path.is_file()
+    link = re.search(rf"\[docs/results/{name}\.csv\]\(([^)]+)\)", body)
+    assert link and (_page(name).parent/link.group(1)).resolve() == path.resolve(), f"{name}: the link to its runs does not lead there from its page"
     with open(path, newline="", encoding="utf-8") as f: rows = list(csv.DictReader(f))
     assert rows and all(r["command"].startswith("latteclip-train ") and r["seed"] != "" and r["git_commit"] for r in rows)
     assert sum(r["reproduce"] == "True" for r in rows) == 1
