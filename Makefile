@@ -13,7 +13,7 @@ $(STAMP): settings.ini setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
-	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (latteclip_nb)"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name python3
 	@$(MAKE) --no-print-directory katex
 	touch $(STAMP)
 
@@ -45,7 +45,7 @@ docs: $(STAMP)
 	@if command -v quarto >/dev/null || [ -x $(BIN)/quarto ]; then PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_docs; \
 	 else echo "make docs needs Quarto: install it from https://quarto.org/docs/get-started/ (or pip install quarto-cli where GitHub is reachable), then run make docs again"; exit 1; fi
 
-# rerun the recorded run of every generated README block (BLOCKS="shapes-results premise" for some) and fail when
+# rerun the recorded run of every generated block, in README.md and the nbs/*.md pages (BLOCKS="shapes-results premise" for some), and fail when
 # its top-1 moved by more than half a point
 reproduce: $(STAMP)
 	$(PY) scripts/reproduce.py $(BLOCKS)

@@ -278,23 +278,25 @@ def caption_parser() -> argparse.ArgumentParser:
 # %% ../nbs/05c_captions.ipynb #25b19e9e
 def _dataset(args):
     "The spec and training split named by the arguments (a folder gets the same name and split as in latteclip-train)."
-    from latteclip_nb import data
+    from latteclip_nb.data import FolderDomain, is_image_list
+    from latteclip_nb.registry import get_spec
+    from latteclip_nb.split_files import splits
     named = [v for v in (args.dataset, getattr(args, "dataset_flag", None), args.folder) if v]
     if len(named) > 1: raise ValueError(f"give one dataset, not {' and '.join(map(repr, named))}")
     if not named: raise ValueError("name a dataset (e.g. dtd, shapes) or a folder: --dataset FOLDER --classes-file classes.txt --domain WORD")
-    if args.folder or Path(named[0]).expanduser().is_dir() or data.is_image_list(named[0]):   # a folder or a .csv/.txt list
-        fd = data.FolderDomain(Path(named[0]).expanduser(), classes_file=args.classes_file or None, domain=args.domain,
+    if args.folder or Path(named[0]).expanduser().is_dir() or is_image_list(named[0]):   # a folder or a .csv/.txt list
+        fd = FolderDomain(Path(named[0]).expanduser(), classes_file=args.classes_file or None, domain=args.domain,
                                test_root=args.test_root or None, name=args.name or None)
         return fd.spec, fd.splits()["train"]
     if args.name: raise ValueError(f"--name names a custom folder; {named[0]!r} is a dataset with its own name")
     _no_folder_flags(args, named[0])
-    try: spec = data.get_spec(named[0])
+    try: spec = get_spec(named[0])
     except ValueError as e:
         try: importlib.import_module("latteclip_nb.shapes")  # registers the offline world's datasets
         except ImportError: raise e from None
-        spec = data.get_spec(named[0])
+        spec = get_spec(named[0])
     root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
-    return spec, data.splits(spec.name, root, args.split_file)["train"]
+    return spec, splits(spec.name, root, args.split_file)["train"]
 
 def _no_folder_flags(args, name):
     "One line when flags that describe a custom folder are given with a named dataset (they would be ignored)."
@@ -308,7 +310,7 @@ def _no_folder_flags(args, name):
 def _clip_choice(spec, args):
     "(architecture, pretrained) of the CLIP for c_zs, resolved as latteclip-train resolves them (same defaults, same cache key)."
     from types import SimpleNamespace
-    from latteclip_nb.experiment import resolve_model
+    from latteclip_nb.shapes import resolve_model
     return resolve_model(SimpleNamespace(model=args.clip_model or "", pretrained=args.pretrained or ""), spec)
 
 def _c_zs_key(spec, args) -> dict:
@@ -356,20 +358,20 @@ def build_captioner(backend: str = "auto",   # auto | llava | hf | openai | tiny
         if getattr(spec, "kind", None) != "shapes":
             raise ValueError(f"the simulated describer only works on the shapes world, not {getattr(spec, 'name', spec)!r}: "
                              "use llava, openai or tiny")
-        from latteclip_nb import shapes
-        return shapes.describer_for(spec, seed=seed)
-    from latteclip_nb import captioners
+        from latteclip_nb.shapes import describer_for
+        return describer_for(spec, seed=seed)
+    from latteclip_nb.captioners import OpenAICaptioner
+    from latteclip_nb.llava import LLAVA_MODEL, LlavaCaptioner, build_tiny_llava
     if backend == "openai":
         if not server_url:
             raise ValueError("the openai backend needs a server URL, e.g. http://localhost:8000/v1 "
                              "(start one with `vllm serve llava-hf/llava-v1.6-mistral-7b-hf`)")
-        return captioners.OpenAICaptioner(server_url, model or captioners.LLAVA_MODEL, api_key=api_key, concurrency=concurrency,
-                                          bos=bos)
+        return OpenAICaptioner(server_url, model or LLAVA_MODEL, api_key=api_key, concurrency=concurrency, bos=bos)
     if backend == "tiny":
         path = _tiny_folder(model)
-        if not (path/"config.json").exists(): captioners.build_tiny_llava(path)
-        return captioners.LlavaCaptioner(str(path), single_view=single_view, device=device, batch_size=batch_size,
-                                         quantize=precision, decoding=decoding)
+        if not (path/"config.json").exists(): build_tiny_llava(path)
+        return LlavaCaptioner(str(path), single_view=single_view, device=device, batch_size=batch_size, quantize=precision,
+                              decoding=decoding)
     if backend == "hf":
         if not model:
             raise ValueError("--captioner hf needs --captioner-model: a hub id such as Qwen/Qwen2.5-VL-3B-Instruct, or a model folder")
@@ -377,8 +379,8 @@ def build_captioner(backend: str = "auto",   # auto | llava | hf | openai | tiny
         return HFCaptioner(model, precision=precision, device=device, batch_size=batch_size, decoding=decoding,
                            max_pixels=HF_MAX_PIXELS if max_pixels is None else max_pixels)
     if backend == "llava":
-        return captioners.LlavaCaptioner(model or captioners.LLAVA_MODEL, single_view=single_view, device=device, batch_size=batch_size,
-                                         quantize=precision, decoding=decoding)
+        return LlavaCaptioner(model or LLAVA_MODEL, single_view=single_view, device=device, batch_size=batch_size, quantize=precision,
+                              decoding=decoding)
     raise ValueError(f"unknown captioner backend {backend!r}: choose auto, llava, hf, openai, tiny or simulated")
 
 # %% ../nbs/05c_captions.ipynb #de67d2aa

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from .core import atomic_write_bytes, atomic_write_json, cache_root, file_keys, get_device, log, progress_bar, read_json
-from .data import ImageDataset, Split, collate_skip
+from .data import ImageDataset, collate_skip
+from .split_files import Split
 
 # %% auto #0
 __all__ = ['TINY_MODEL', 'SHIPPED_MODELS', 'check_model', 'make_train_transform', 'load_clip', 'save_clip_weights',

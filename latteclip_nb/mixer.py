@@ -40,7 +40,7 @@ def mix_features(
 def blend(
     mixed: torch.Tensor,   # [N, D] mixed text features (carry gradients)
     protos: torch.Tensor,  # [N, D] the prototype of each sample's pseudo-label (treated as constant)
-    alpha: float = 0.99,   # weight on the prototype
+    alpha: float,          # weight on the prototype (the knob TrainKnobs.alpha, 0.99)
 ) -> torch.Tensor:         # [N, D] training targets tbar, not re-normalised
     """Blend mixed text features into their prototypes: (1 - alpha) * mixed + alpha * protos (Eq. 2)."""
     if not 0.0 <= alpha <= 1.0: raise ValueError(f"alpha must lie in [0, 1], got {alpha}")

@@ -15,9 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .core import _atomic, check_device, default_data_root, error_line, in_flags, progress_bar
-from .data import IMG_EXTENSIONS, Split, list_images, load_image, match_classes
+from .data import IMG_EXTENSIONS, list_images, load_image, match_classes
+from .split_files import Split
 from .evaluate import evaluate, save_results
-from .train import Classifier, load_classifier
+from .checkpoints import Classifier, load_classifier
 
 # %% ../nbs/10a_predict.ipynb #a0c1e008
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".tsv")
@@ -182,10 +183,10 @@ def labeled_folder(root, classnames) -> Split:
 
 def dataset_test_split(name: str, classnames, data_root=None) -> Split:
     """The test split of a registered dataset (data root default: `core.default_data_root()`, as latteclip-train), its labels mapped onto `classnames`."""
-    from latteclip_nb import data
+    from latteclip_nb.split_files import splits
     if name == "shapes": import latteclip_nb.shapes  # registers the offline world
     root = Path(data_root).expanduser() if data_root else default_data_root()
-    test = data.splits(name, root)["test"]
+    test = splits(name, root)["test"]
     if test is None or not test.labels: raise ValueError(f"dataset {name!r} under {root} has no labeled test split")
     m = match_classes(test.classnames, classnames, f"classes of dataset {name!r}")
     return Split(test.root, test.ids, [m[test.classnames[l]] for l in test.labels], list(classnames))

@@ -12,7 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .core import log
-from .experiment_config import METHODS, ExperimentConfig, resolve_model, _EVAL_ONLY
+from .experiment_config import ExperimentConfig
+from .registry import get_spec, recipe_values
+from .run_config import RECIPE_FIELDS, TRAIN_METHODS, TrainConfig, TrainKnobs
+from .shapes import resolve_model
+from .views import steps_per_epoch, total_steps
 
 # %% ../nbs/13b_recipes.ipynb #99f174d0
 PAPER_DATASETS = ("eurosat", "sun397", "food101", "flowers102", "dtd", "fgvc_aircraft", "oxford_pets", "stanford_cars",
@@ -67,9 +71,9 @@ _TABLE1_ROW = {"oracle": "oracle", "llava_zs": "LLaVA zero-shot", "zeroshot": "z
 PAPER_TABLE1 = {m: PAPER_TABLES["Table 1"][r] for m, r in _TABLE1_ROW.items()}   # by method name
 
 # LatteCLIP's ablation fields at the paper's setting, and the settings (differences from it) the tables report
-_LATTE_BASE = dict(use_class=True, use_image=True, use_group=True, use_mixer=True, use_zs=True, use_ft=True, alpha=0.99,
-                   momentum=0.0, ft_ablation="drop_term", proto_update="target", group_sampling="class", text_grad="exact",
-                   images_per_group=4, group_gt_correct=-1, data_fraction=1.0, groups_per_class=0, wise_alpha=1.0)
+_LATTE_FIELDS = ("use_class", "use_image", "use_group", "use_mixer", "use_zs", "use_ft", "alpha", "momentum", "ft_ablation", "proto_update",
+                 "group_sampling", "text_grad", "images_per_group", "group_gt_correct", "data_fraction", "groups_per_class", "wise_alpha")
+_LATTE_BASE = {f.name: f.default for f in dataclasses.fields(ExperimentConfig) if f.name in _LATTE_FIELDS}   # the config's defaults
 _LATTE_ROWS = [
     ({}, "Table 1", "LatteCLIP"),
     (dict(use_group=False), "Table 2", "class + image (no group)"),
@@ -112,26 +116,15 @@ def paper_top1(run, dataset: str):
     return None if row is None else PAPER_TABLES[row[0]][row[1]].get(dataset)
 
 # %% ../nbs/13b_recipes.ipynb #5b7784cf
-_TRAIN_METHODS = tuple(m for m in METHODS if m not in _EVAL_ONLY)   # latteclip, flyp_pl, oracle
-_SCHEDULE = ("epochs", "warmup_steps", "lr", "batch_size", "weight_decay", "max_steps", "drop_last", "released_workers")   # unset at their default
-
 def recipe_spec(cfg: ExperimentConfig, spec):
     """`spec` with the class template of the config's recipe."""
-    from latteclip_nb.data import recipe_values
     return dataclasses.replace(spec, template=recipe_values(spec, cfg.recipe)["template"])
 
 def train_config(cfg: ExperimentConfig, spec, n_train: int | None = None, **fixed) -> "TrainConfig":
-    """The run's TrainConfig: `fixed` fields, then the fields `cfg` sets, then the recipe's values for `spec`."""
-    from latteclip_nb.data import recipe_values
-    from latteclip_nb.train import TrainConfig
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unset = {f.name: f.default for f in dataclasses.fields(ExperimentConfig) if f.name in _SCHEDULE}
-    kw = {k: v for k, v in recipe_values(spec, cfg.recipe).items() if k in names}
-    for k in names & {f.name for f in dataclasses.fields(cfg)}:
-        v = getattr(cfg, k)
-        if v is None or v == "" or (k in unset and v == unset[k]): continue
-        kw[k] = v
-    kw.update(fixed)
+    """The run's TrainConfig: `fixed` fields, then the knobs `cfg` sets, then the recipe's values for `spec` where `cfg` left them None."""
+    kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainKnobs)}   # every knob, as the experiment holds it
+    recipe = recipe_values(spec, cfg.recipe)
+    kw.update({k: recipe[k] for k in RECIPE_FIELDS if kw[k] is None}, **fixed)
     if n_train is not None and kw["batch_size"] > n_train:   # small data fractions (Fig. 6): one full-data batch per step
         log.warning(f"batch_size {kw['batch_size']} > {n_train} training images: using {n_train}")
         kw["batch_size"] = n_train
@@ -139,18 +132,16 @@ def train_config(cfg: ExperimentConfig, spec, n_train: int | None = None, **fixe
 
 def _spec_and_size(cfg: ExperimentConfig):
     "The dataset spec and its number of training images, from the registry (a custom folder: its image listing)."
-    from latteclip_nb import data
-    if cfg.dataset == "shapes": import latteclip_nb.shapes  # registers the offline world (renders nothing)
-    if Path(cfg.dataset).expanduser().is_dir() or data.is_image_list(cfg.dataset):
-        dom = data.FolderDomain(Path(cfg.dataset).expanduser(), classes_file=cfg.classes_file or None, domain=cfg.domain,
-                                test_root=cfg.test_root or None, name=cfg.name or None)
+    from latteclip_nb.data import FolderDomain, is_image_list
+    if Path(cfg.dataset).expanduser().is_dir() or is_image_list(cfg.dataset):
+        dom = FolderDomain(Path(cfg.dataset).expanduser(), classes_file=cfg.classes_file or None, domain=cfg.domain,
+                           test_root=cfg.test_root or None, name=cfg.name or None)
         return dom.spec, len(dom._train_ids())
-    spec = data.get_spec(cfg.dataset)
+    spec = get_spec(cfg.dataset)
     return spec, spec.n_train
 
 def steps_rule(n: int, t) -> str:
     """How the steps of a run on `n` images follow from its TrainConfig `t`, as arithmetic."""
-    from latteclip_nb.train import steps_per_epoch, total_steps
     r, B, W = ("floor" if t.drop_last else "ceil"), t.batch_size, t.released_workers
     spe = steps_per_epoch(n, B, t.drop_last, W)
     if W: how = f"{r}({r}({n} / {B}) / {W}) x {W} = {spe} full batches an epoch (the released loader, released_workers={W})"
@@ -160,14 +151,14 @@ def steps_rule(n: int, t) -> str:
 
 def resolved_run(cfg: ExperimentConfig) -> dict:
     """The resolved run as JSON-ready data (recipe, template, steps and their arithmetic, train+val size, every TrainConfig field)."""
-    from latteclip_nb.train import steps_per_epoch, total_steps
     spec, n = _spec_and_size(cfg)
     spec = recipe_spec(cfg, spec)
     arch, pretrained = resolve_model(cfg, spec)
-    out = dict(recipe=cfg.recipe, dataset=spec.name, method=cfg.method, template=spec.template, n_train=n,
+    recipe = recipe_values(spec, cfg.recipe)   # every field, the schedule's unset ones as the recipe fills them
+    out = dict(config={**asdict(cfg), **{k: recipe[k] for k in RECIPE_FIELDS if getattr(cfg, k) is None}}, recipe=cfg.recipe, dataset=spec.name, method=cfg.method, template=spec.template, n_train=n,
                steps_per_epoch=None, total_steps=None, steps_rule=None, paper_row=list(paper_row(cfg) or ()) or None,
                paper_top1=paper_top1(cfg, spec.name), train=None)
-    if cfg.method in _TRAIN_METHODS:
+    if cfg.method in TRAIN_METHODS:
         used = n if n is None or cfg.data_fraction == 1 else max(1, round(cfg.data_fraction * n))
         tcfg = train_config(cfg, spec, used, model_name=arch, pretrained=str(pretrained))
         if used: out.update(steps_per_epoch=steps_per_epoch(used, tcfg.batch_size, tcfg.drop_last, tcfg.released_workers),

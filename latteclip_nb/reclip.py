@@ -426,5 +426,5 @@ def run_reclip(model, tokenizer, train_transform, eval_transform, train_split, t
 # %% ../nbs/11_reclip.ipynb #95cc791e
 def reclip_templates(spec) -> list[str]:
     """The prompt templates ReCLIP's class embeddings average: CLIP's per-dataset list, else the spec's template."""
-    from latteclip_nb.data import CLIP_TEMPLATES
-    return list(CLIP_TEMPLATES.get(spec.name, [spec.template]))
+    from latteclip_nb.registry import clip_templates
+    return clip_templates(spec)

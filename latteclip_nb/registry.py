@@ -95,8 +95,8 @@ def get_spec(name) -> DatasetSpec:
     key = ALIASES.get(key, key)
     if key in DATASETS: return DATASETS[key]
     if key == "shapes":   # the offline world registers itself when its module is imported
-        import latteclip_nb.shapes, latteclip_nb.data as registry
-        return registry.DATASETS[key]
+        raise ValueError("dataset 'shapes' is registered by its own module: run `import latteclip_nb.shapes` first "
+                         "(latteclip-train, latteclip-captions and the notebooks do)")
     if _looks_like_path(name):   # a mistyped folder is not an unknown dataset name
         raise FileNotFoundError(f"no such folder {Path(str(name)).expanduser().absolute()}: check the path of your image folder "
                                 f"(or give a dataset name: {', '.join(dict.fromkeys([*DATASETS, 'shapes']))})")

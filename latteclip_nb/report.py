@@ -19,7 +19,7 @@ from .core import atomic_write_bytes, cache_root, read_json
 # %% ../nbs/14_report.ipynb #85275b5d
 def run_config(run_dir) -> tuple:
     """(metrics, ExperimentConfig) of a finished run folder; fields this version does not know are ignored."""
-    from latteclip_nb.experiment import ExperimentConfig
+    from latteclip_nb.experiment_config import ExperimentConfig
     run_dir = Path(run_dir)
     if not (run_dir/"metrics.json").is_file():
         why = "the run has not finished" if (run_dir/"config.json").is_file() else "it is not a run folder (latteclip-train --out-dir)"
@@ -94,7 +94,7 @@ def _read_jsonl(path: Path, notes: list | None = None) -> list:
 
 def _data_of_run(run_dir: Path, cfg):
     "resolve_data for the run as recorded; data that is not where the run found it is one line naming the field and the path."
-    from latteclip_nb.experiment import resolve_data
+    from latteclip_nb.experiment_config import resolve_data
     from latteclip_nb.registry import _looks_like_path
     try: return resolve_data(cfg)
     except (FileNotFoundError, ValueError):
@@ -108,7 +108,7 @@ def _data_of_run(run_dir: Path, cfg):
 
 def load_run(run_dir) -> Run:
     """Everything the report shows about the finished run in `run_dir` (nothing is recomputed but the data's listing)."""
-    from latteclip_nb.experiment import recipe_spec
+    from latteclip_nb.recipes import recipe_spec
     run_dir = Path(run_dir)
     m, cfg = run_config(run_dir)
     spec, sp = _data_of_run(run_dir, cfg)
@@ -130,7 +130,8 @@ def load_run(run_dir) -> Run:
 
 def _read_texts(run: Run):
     "The run's work list and its descriptions from the caption store (read only)."
-    from latteclip_nb.captions import CaptionStore, caption_work, merge_captions
+    from latteclip_nb.caption_store import CaptionStore, caption_work
+    from latteclip_nb.captions import merge_captions
     cfg = run.cfg
     store = Path(cfg.captions_dir).expanduser() if cfg.captions_dir else cache_root()/"captions"/run.spec.name
     kinds = tuple(k for k, on in (("image", cfg.use_image), ("group", cfg.use_group)) if on)
@@ -363,7 +364,7 @@ def _prompts(run: Run) -> str:
 def _predictions(run: Run, shown: list, images: dict, device=None):
     "Fine-tuned class of each shown image, from the exported classifier (None without one)."
     if run.classifier_dir is None or not shown: return None
-    from latteclip_nb.train import load_classifier
+    from latteclip_nb.checkpoints import load_classifier
     clf = load_classifier(run.classifier_dir, device=device or "cpu")
     return dict(zip(shown, clf.predict([images[i] for i in shown]).tolist()))
 
@@ -425,7 +426,7 @@ def drift_degrees(cos: float) -> float:
 def _changed_first(run: Run, by_class: list, order: list, k: int, device=None) -> tuple:
     "({class: the k images to show, changed first, then wrong}, {image: fine-tuned class}) from the exported classifier."
     from latteclip_nb.data import load_image
-    from latteclip_nb.train import load_classifier
+    from latteclip_nb.checkpoints import load_classifier
     clf = load_classifier(run.classifier_dir, device=device or "cpu")
     cand = {c: by_class[c][:max(32, 8 * k)] for c in order}
     flat = [i for c in order for i in cand[c]]

@@ -6,7 +6,7 @@
 __all__ = ['SHAPES_SPEC', 'DESCRIBER_ERRORS', 'ASSETS', 'SHAPES_MODEL', 'SHAPES_CONFIG', 'SHAPES_CHECKPOINT', 'RARE_PRETRAINED',
            'RARE_RATE', 'ShapesSpec', 'load_shapes', 'register_shapes', 'describer_for', 'parse_describer_errors',
            'parse_class_names', 'shapes_variant', 'load_shapes_clip', 'to_tensor', 'source_batch', 'zero_shot_top1',
-           'pretrain', 'rare_names_checkpoint']
+           'pretrain', 'rare_names_checkpoint', 'resolve_model']
 
 # %% ../nbs/12a_shapes.ipynb #72b9ac6d
 import hashlib, json, math, os, time
@@ -23,11 +23,12 @@ from .shapes_world import *
 
 # %% ../nbs/12a_shapes.ipynb #af603836
 from functools import partial
-from . import data
+from .registry import DatasetSpec, register_dataset
+from .split_files import Split
 from .prompts import generic_group_prompt, generic_image_prompt
 
 @dataclass(frozen=True)
-class ShapesSpec(data.DatasetSpec):
+class ShapesSpec(DatasetSpec):
     """A shapes world as a dataset: a `DatasetSpec` plus the world, the batch size and the describer's error rates."""
     world: World = World()
     batch_size: int = 128
@@ -45,7 +46,7 @@ def load_shapes(root=None, world: World = World(), split_file=None, progress: bo
     d = make_world(world, root, progress)
     sj = read_json(d / "split_shapes.json")
     names = list(class_names or SHAPES)
-    return {s: data.Split(d, [r[0] for r in rows], [r[1] for r in rows], names) for s, rows in sj.items()}
+    return {s: Split(d, [r[0] for r in rows], [r[1] for r in rows], names) for s, rows in sj.items()}
 
 def register_shapes(name: str = "shapes", world: World = World(), **overrides) -> ShapesSpec:
     """Register `world` as dataset `name` (fields of `ShapesSpec` can be overridden) and return its spec."""
@@ -54,7 +55,7 @@ def register_shapes(name: str = "shapes", world: World = World(), **overrides) -
               epochs=10, warmup_steps=10, lr=SHAPES_LR, weight_decay=0.2, kind="shapes", n_classes=len(SHAPES),
               n_train=world.n_train, n_test=world.n_test, world=world)
     spec = ShapesSpec(**{**kw, **overrides})
-    data.register_dataset(spec, partial(load_shapes, world=world, class_names=spec.class_names), overwrite=True)
+    register_dataset(spec, partial(load_shapes, world=world, class_names=spec.class_names), overwrite=True)
     return spec
 
 def describer_for(spec: ShapesSpec, seed: int = 0) -> "SimulatedDescriber":
@@ -196,3 +197,20 @@ def rare_names_checkpoint(build: bool = False, root=None, steps: int = 1500) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         pretrain(path, **recipe)
     return path
+
+# %% ../nbs/12a_shapes.ipynb #70000a7b
+def resolve_model(cfg, spec):
+    """(architecture, pretrained) a run starts from (`cfg.model`, `cfg.pretrained`): the paper's ViT-B-32 LAION-2B, the shapes world's own model, or a folder's."""
+    if spec.kind == "shapes":
+        if cfg.pretrained == RARE_PRETRAINED: return cfg.model or SHAPES_MODEL, str(rare_names_checkpoint())
+        default = (SHAPES_MODEL, str(SHAPES_CHECKPOINT))
+    else: default = ("ViT-B-32", "laion2b_s34b_b79k")
+    arch = cfg.model or default[0]
+    if not cfg.pretrained and arch != default[0]:   # another architecture: its own weights, never the default's tag
+        if arch.startswith(("hf-hub:", "local-dir:")): return arch, None   # the folder carries them
+        if arch == SHAPES_MODEL: return arch, str(SHAPES_CHECKPOINT)      # the package ships them
+        if spec.kind == "shapes" and arch in open_clip.list_models():   # the shipped weights are latte-shapes': they fit no other architecture
+            raise ValueError(f"model={arch!r} on the shapes world needs its own weights (the shipped ones are for {SHAPES_MODEL}): give "
+                             f"pretrained=none (random weights) or a checkpoint of {arch}, or model={SHAPES_MODEL!r}")
+    pretrained = cfg.pretrained or default[1]
+    return arch, None if pretrained.lower() in ("none", "random") else pretrained

@@ -17,7 +17,7 @@ from .core import atomic_write_bytes, get_device
 from .loss import contrastive_loss, latte_loss
 from .mixer import MIXERS, blend, margin_weights, mix_features, released_mix
 from .prototypes import PrototypeBank
-from .run_config import TrainConfig, make_optimizer
+from .run_config import TrainConfig, TrainKnobs, make_optimizer
 from .text_table import TextTable, encode_tokens
 from pathlib import Path
 
@@ -31,10 +31,10 @@ def latte_targets(
     p_zs: torch.Tensor,        # [B, D] current prototype of each c_zs
     p_ft: torch.Tensor,        # [B, D] current prototype of each c_ft
     enabled: torch.Tensor,     # [B, 3] 1 where the class, image, group text is used, else 0
-    alpha: float = 0.99,
-    use_mixer: bool = True,
+    alpha: float = TrainKnobs.alpha,  # Eq. 2 (the defaults of these three: the knobs', see TrainKnobs)
+    use_mixer: bool = TrainKnobs.use_mixer,
     return_mix: bool = False,  # also return the mixes (mix_zs, mix_ft) before the blend
-    mixer: str = "eq1",        # eq1 (the paper's Eq. 1) | released (the released code's mix; needs B == D)
+    mixer: str = TrainKnobs.mixer,  # eq1 (the paper's Eq. 1) | released (the released code's mix; needs B == D)
     return_weights: bool = False,  # also return each mix's text weights, summing to 1 ([B, 3] each)
 ) -> tuple:                    # (tbar_zs, tbar_ft), each [B, D] (then mix_zs, mix_ft with return_mix; then w_zs, w_ft with return_weights)
     """The blended training targets of both pseudo-labels (Eq. 1 weights, weighted mean, Eq. 2 blend)."""

@@ -23,7 +23,7 @@ def _reuses_bpe(tokenizer) -> bool:
     "Whether `tokenizer` is open_clip's plain CLIP BPE tokenizer, whose ids the caption store keeps."
     from open_clip.tokenizer import SimpleTokenizer
     if not isinstance(tokenizer, SimpleTokenizer) or getattr(tokenizer, "reduction_fn", None) is not None: return False
-    from latteclip_nb.captions import clip_bpe
+    from latteclip_nb.caption_store import clip_bpe
     probe = "A Photo of 2 Dogs, CAFÉ-style: it's  striped!"
     return tokenizer.encode(probe) == clip_bpe(probe)
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .core import atomic_torch_save, atomic_write_bytes, cache_root, get_device, log, progress_bar, read_json, seed_everything
-from .nodes import broadcast_object, dir_layout, gather_objects
+from .nodes import barrier, broadcast_object, dir_layout, gather_objects
 from .prototypes import PrototypeBank
 # the parts of training, in reading order (09a-09e); their public names are this module's too
 from .run_config import *
@@ -27,7 +27,6 @@ from .views import *
 from .text_table import *
 from .step import *
 from .checkpoints import *
-from .run_config import _FREE_FIELDS
 from .checkpoints import _weights_file
 
 
@@ -43,12 +42,6 @@ class TrainResult:
     step: int = 0                          # optimizer steps done
     out_dir: Optional[Path] = None
     evals: Optional[list] = None           # the evaluations while training: {step, epoch, top1 (%)} each (evals.jsonl)
-
-def _config_diff(saved: dict, cfg: TrainConfig) -> list:
-    "Fields (other than the free ones) whose value differs between a saved config and `cfg`."
-    now, default = asdict(cfg), {f.name: f.default for f in fields(TrainConfig)}   # fields newer than the saved run
-    return [f"{k}: {saved.get(k, default[k])!r} -> {now[k]!r}" for k in now
-            if k not in _FREE_FIELDS and saved.get(k, default[k]) != now[k]]
 
 def _check_released_mixer(cfg: TrainConfig, n: int, dim: int, world: int = 1):
     "Raise a one-line ValueError when mixer='released' would meet a batch the released code could not run."
@@ -67,9 +60,6 @@ def _check_released_mixer(cfg: TrainConfig, n: int, dim: int, world: int = 1):
 
 def _read_jsonl(path: Path) -> list:
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized(): dist.barrier()
 
 def _check_inputs(split, class_texts, cfg, c_zs, texts, labels):
     "Validated (c_zs, labels) aligned with the split, or a ValueError saying what is missing."
@@ -102,7 +92,7 @@ def _finished(out_dir: Path, cfg: TrainConfig, n: int) -> bool:
     f = out_dir/"classifier"/"classifier.json"
     if not f.exists(): return False
     meta = read_json(f)
-    return bool(meta.get("complete")) and meta.get("n_train") == n and not _config_diff(meta.get("config", {}), cfg)
+    return bool(meta.get("complete")) and meta.get("n_train") == n and not config_diff(meta.get("config", {}), cfg)
 
 def _read_export(out_dir: Path) -> tuple:
     "(weights, classifier tensors, classifier.json, history) of a completed run's export."
@@ -215,7 +205,7 @@ def _restore(run: TrainRun):
     saved, step = _checkpoint_step(ckpt, cfg.resume)
     _agree_on_step(ckpt, step, run.layout)   # every copy at the same step, or every rank stops here
     if saved is not None:
-        diff = _config_diff(saved["config"], cfg)
+        diff = config_diff(saved["config"], cfg)
         if saved["n_train"] != run.n_train: diff.append(f"training images: {saved['n_train']} -> {run.n_train}")
         if diff:
             raise ValueError(f"{ckpt} belongs to another run ({'; '.join(diff)}): use a new out_dir, or start over with "
@@ -230,7 +220,7 @@ def _restore(run: TrainRun):
     elif run.layout.writer:
         for f in (run.metrics_path, run.steps_path, ckpt, run.out_dir/"classifier"/"classifier.json", run.out_dir/RECORD_FILE,
                   run.out_dir/EVALS_FILE): f.unlink(missing_ok=True)
-    _barrier()
+    barrier()
 
 def _save(run: TrainRun):
     "Checkpoint the run on every copy of out_dir; a failed write on any rank stops every rank with one line."
@@ -329,7 +319,7 @@ def _finish(run: TrainRun, split, class_texts, meta: Optional[dict]) -> TrainRes
     "Export the classifier (process 0), keep or drop the checkpoint, and the run's TrainResult."
     cfg, st, trainer = run.cfg, run.state, run.trainer
     classifier = trainer.classifier()
-    keep = cfg.keep_checkpoint or cfg.keep_checkpoints
+    keep = cfg.keep_checkpoints
     if keep: _save(run)
     elif trainer.record is not None: trainer.record.sync(run.device)
     if run.rank == 0:
@@ -337,7 +327,7 @@ def _finish(run: TrainRun, split, class_texts, meta: Optional[dict]) -> TrainRes
         export_classifier(run.out_dir/"classifier", trainer.model, classifier, split.classnames, class_texts, cfg,
                           None if trainer.bank is None else trainer.bank.prototypes,
                           **{**(meta or {}), "n_train": run.n_train, "step": st.step})
-    _barrier()   # the export is complete before any copy of the checkpoint goes
+    barrier()   # the export is complete before any copy of the checkpoint goes
     if run.layout.writer and not keep: run.ckpt.unlink(missing_ok=True)
     return TrainResult(trainer.model, trainer.bank, classifier, st.history, run.out_dir/"classifier", st.step, run.out_dir, st.evals)
 

@@ -8,9 +8,9 @@ through `nbdev_clean`, so the stored notebook is what nbdev keeps. Prints each n
 
     python scripts/run_notebooks.py                          # every notebook under nbs/
     python scripts/run_notebooks.py nbs/03_prompts.ipynb     # some of them
-    python scripts/run_notebooks.py --slow nbs/93_premise.ipynb   # the #| slow cells too (the README's runs)
+    python scripts/run_notebooks.py --slow nbs/93_premise.ipynb   # the #| slow cells too (the recorded runs)
 """
-import argparse, os, re, site, subprocess, sys, sysconfig, tempfile, time
+import argparse, json, os, re, site, subprocess, sys, sysconfig, tempfile, time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,23 @@ def _scrub_nb(nb, pairs):
             cell["outputs"] = [o for o in cell["outputs"] if o.get("data") or o.get("text") or o.get("output_type") == "error"]
 
 
+def kernel_metadata() -> dict:
+    """The notebook metadata JupyterLab writes once the project's kernel starts; stored as is, a notebook opens unchanged."""
+    from ipykernel.ipkernel import IPythonKernel
+    return dict(kernelspec=dict(display_name="python3", language="python", name="python3"),   # the Makefile installs it so
+                language_info=dict(IPythonKernel.language_info))                                 # what the kernel reports
+
+
+def set_metadata(fn: Path) -> bool:
+    """Store `kernel_metadata()` in notebook `fn` (nothing else changes); whether it changed."""
+    raw = fn.read_text(encoding="utf-8")
+    nb = json.loads(raw)
+    nb["metadata"].update(kernel_metadata())
+    new = json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n"   # nbdev_clean's layout
+    if new != raw: fn.write_text(new, encoding="utf-8")
+    return new != raw
+
+
 def run_one(fn: Path, slow: bool) -> None:
     """Execute `fn` as nbdev_test does (skipping the flagged cells unless `slow`), store outputs, clean it."""
     os.environ.update(QUIET_ENV); os.environ["IN_TEST"] = "1"
@@ -88,6 +105,7 @@ def run_one(fn: Path, slow: bool) -> None:
     with working_directory(fn.parent):
         k.run_all(nb, exc_stop=True, preproc=skip)
     _scrub_nb(nb, machine_paths())
+    nb.metadata.update(kernel_metadata())
     clean_nb(nb, allowed_metadata_keys=cfg.get("allowed_metadata_keys").split(),
              allowed_cell_metadata_keys=cfg.get("allowed_cell_metadata_keys").split(), clean_ids=cfg.clean_ids)
     write_nb(nb, fn)
@@ -97,8 +115,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Execute notebooks in place and store their outputs (the cells nbdev_test runs).")
     ap.add_argument("notebooks", nargs="*", help="notebooks to run (default: every nbs/*.ipynb)")
     ap.add_argument("--slow", action="store_true", help="run the #| slow cells too (minutes to an hour each)")
+    ap.add_argument("--metadata", action="store_true", help="only store the kernel's metadata in the notebooks (runs nothing)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # run a single notebook in this process
     a = ap.parse_args(argv)
+    if a.metadata:
+        for n in [Path(n) for n in a.notebooks] or sorted((REPO/"nbs").glob("*.ipynb")):
+            if set_metadata(n): print(f"{n.name}: kernel metadata stored")
+        return 0
     if a.one:
         run_one(Path(a.notebooks[0]).resolve(), a.slow); return 0
     nbs = [Path(n) for n in a.notebooks] or sorted((REPO/"nbs").glob("*.ipynb"))

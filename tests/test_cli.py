@@ -1,4 +1,4 @@
-"""The four commands as a user types them: README's "Your own domain, end to end" against a live `transformers serve`,
+"""The four commands as a user types them: the "Your own domain, end to end" page (nbs/own_domain.md) against a live `transformers serve`,
 one spelling and one meaning per flag, and one line (no traceback) for every mistake, damaged file and Ctrl-C."""
 import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path

@@ -122,8 +122,9 @@ def test_interrupted_run_with_another_config_and_no_resume(world):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--lr", "-1"], ["--lr -1.0", ">= 0"]),
-    (["--epochs", "0", "--max-steps", "-3"], ["--max-steps -3"]),
+    (["--lr", "-1"], ["--lr -1.0", "> 0"]),
+    (["--epochs", "0"], ["--epochs 0", ">= 1", "recipe"]),
+    (["--max-steps", "-3"], ["--max-steps -3"]),
     (["--dataset", "./no/such/folder"], ["no such folder", "no/such/folder"]),
     (["--data-root", "/no/such/root"], ["--data-root /no/such/root", "no such folder"]),
     (["--device", "cuda:7"], ["cuda:7"]),
@@ -227,11 +228,40 @@ def test_cli_class_names_rename_the_task_and_rare_names_resolves_without_weights
 def test_deterministic_flag_reaches_the_training_config():
     """--deterministic takes no value, is a papermill parameter and a TrainConfig field, and does not change a run's identity."""
     from latteclip_nb.data import get_spec
-    from latteclip_nb.experiment import FREE_FIELDS, config_diff, config_from_params, config_parser, train_config
+    from latteclip_nb.experiment import config_diff, config_from_params, config_parser, train_config
     p = config_parser()
     assert p.parse_args(["--deterministic"]).deterministic is True and p.parse_args([]).deterministic is False
     assert p.parse_args(["--deterministic", "--no-deterministic"]).deterministic is False
     cfg = config_from_params({"dataset": "dtd", "deterministic": "True"})
     assert cfg.deterministic is True and train_config(cfg, get_spec("dtd")).deterministic is True
-    assert "deterministic" in FREE_FIELDS and cfg.run_name() == ExperimentConfig(dataset="dtd").run_name()
+    assert "deterministic" in ExperimentConfig.FREE_FIELDS and cfg.run_name() == ExperimentConfig(dataset="dtd").run_name()
     assert config_diff({**ExperimentConfig(dataset="dtd").__dict__}, cfg) == []
+
+
+def test_one_definition_per_knob_reaches_every_front_door(tmp_path):
+    """The CLI, the papermill parameters and --print-config are all made from ExperimentConfig: every field, each with its help."""
+    import dataclasses, json, subprocess, sys
+    from latteclip_nb.experiment import config_parser, papermill_parameters, flag_of
+    from latteclip_nb.run_config import TrainKnobs, field_help
+    names = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    flags = {a.dest: a for a in config_parser()._actions}
+    assert set(names) <= set(flags) and {"grad_accum", "grad_checkpointing", "log_every", "keep_checkpoints"} <= set(flags)
+    helps = field_help(ExperimentConfig)
+    assert set(helps) == set(names) and not [n for n, h in helps.items() if "=" in h]   # papermill reads no comment with '='
+    cell = papermill_parameters()
+    assert [l.split(" = ")[0] for l in cell.splitlines()] == [flag_of(f.name)[2:].replace("-", "_") for f in
+                                                                 __import__("latteclip_nb.experiment", fromlist=["x"]).config_fields()] + ["overwrite"]
+    # the stored notebook holds exactly the generated cell
+    r = subprocess.run([sys.executable, "scripts/write_parameters.py", "--check"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    # a schedule knob given as none is the recipe's; --print-config shows every field with the recipe's values filled in
+    a = config_parser().parse_args(["--lr", "none", "--epochs", "3", "--grad-accum", "2", "--batch-size", "64"])
+    assert (a.lr, a.epochs, a.grad_accum) == (None, 3, 2)
+    out = subprocess.run([str(BIN / "latteclip-train"), "--dataset", "dtd", "--epochs", "3", "--grad-accum", "2", "--print-config"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run = json.loads(out.stdout)
+    assert set(run["config"]) == set(names) and run["config"]["epochs"] == 3 and run["config"]["lr"] == 1e-7   # dtd's lr, filled
+    assert run["config"]["route"] == "pseudo" and run["train"]["grad_accum"] == 2
+    assert {f.name: f.default for f in dataclasses.fields(TrainKnobs)}.items() <= {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}.items()

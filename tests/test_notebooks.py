@@ -125,6 +125,23 @@ def test_kernelspec():
     assert not bad, f"notebooks without the project's kernelspec (python3): {bad}"
 
 
+def test_notebooks_open_unchanged_in_jupyterlab():
+    """JupyterLab rewrites a notebook's kernelspec and language_info to what the kernel reports when it starts: each notebook
+    stores exactly that (the kernel's display name is its name, as the Makefile installs it), so opening one changes nothing."""
+    from ipykernel.ipkernel import IPythonKernel
+    want = dict(IPythonKernel.language_info)
+    assert '--name python3 --display-name python3' in (REPO/"Makefile").read_text()   # nbdev_clean stores the name as display name
+    bad = []
+    for p in NOTEBOOKS:
+        meta = json.loads(p.read_text(encoding="utf-8"))["metadata"]
+        info = meta.get("language_info", {})
+        if (meta.get("kernelspec") != dict(display_name="python3", language="python", name="python3")
+                or {k: v for k, v in info.items() if k != "version"} != {k: v for k, v in want.items() if k != "version"}
+                or info.get("version", "").split(".")[:2] != want["version"].split(".")[:2]):
+            bad.append(p.name)
+    assert not bad, f"{bad} would change when opened: run `python scripts/run_notebooks.py --metadata`"
+
+
 def test_nbdev_clean_leaves_notebooks_unchanged():
     from nbdev.clean import clean_nb
     from nbdev.config import get_config

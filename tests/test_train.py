@@ -143,8 +143,8 @@ def test_export_round_trip(tmp_path):
 
 # ------------------------------------------------------------------ DDP: 2 gloo processes on CPU
 DDP_CFG = dict(epochs=2, warmup_steps=1, lr=1e-4, batch_size=8, log_every=1, model_name="latte-tiny")
-# latteclip also exercises gradient accumulation (no_sync) and keep_checkpoint (a collective save at the end)
-DDP_EXTRA = dict(latteclip=dict(grad_accum=2, keep_checkpoint=True), flyp_pl=dict())
+# latteclip also exercises gradient accumulation (no_sync) and keep_checkpoints (a collective save at the end)
+DDP_EXTRA = dict(latteclip=dict(grad_accum=2, keep_checkpoints=1), flyp_pl=dict())
 
 
 def _ddp_worker(rank, world, init_file, d, method, n=24):

@@ -169,11 +169,11 @@ def test_csv_image_lists_train_and_evaluate(evaluated, cache, tmp_path):
 def test_stop_after_stops_inside_the_full_schedule_and_max_steps_says_it_compresses(evaluated, cache):
     from latteclip_nb.experiment import config_parser
     from latteclip_nb.run_config import cosine_lr
-    m = run_experiment(ExperimentConfig(**{**TINY, "max_steps": 0}, eval_every=0, stop_after=12, out_dir=str(cache / "stopped")))
+    m = run_experiment(ExperimentConfig(**{**TINY, "max_steps": None}, eval_every=0, stop_after=12, out_dir=str(cache / "stopped")))
     tc = m["train_config"]
     assert m["history"][-1]["step"] == 12 and tc["stop_after"] == 12 and tc["max_steps"] is None
     full = 25 * tc["epochs"]                                           # 1600 images / 64: the schedule keeps all 25 steps
     assert m["history"][-1]["lr"] == pytest.approx(tc["lr"] * cosine_lr(12, tc["warmup_steps"], full))   # past the warm-up of 10
     assert m["history"][-1]["lr"] != pytest.approx(tc["lr"] * cosine_lr(12, tc["warmup_steps"], 12))
     helps = {a.dest: a.help for a in config_parser()._actions}
-    assert "compresses the whole schedule" in helps["max_steps"] and "stop" in helps["stop_after"]
+    assert "schedule is compressed" in helps["max_steps"] and "stop" in helps["stop_after"]
