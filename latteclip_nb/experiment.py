@@ -104,7 +104,7 @@ def _look(out: Path, cfg: ExperimentConfig, overwrite: bool):
     ways = "give a new out_dir, or "
     if metrics_path.exists():
         done = read_json(metrics_path)
-        diff = config_diff(done.get("config", {}), cfg)
+        diff = config_diff(saved_config(done.get("config", {})), cfg)
         if not overwrite:
             if not diff: log.info(f"{metrics_path} exists with the same config: skipping the run"); return done, False
             raise ValueError(f"{out} holds a finished run with another config ({'; '.join(diff)}): {ways}"
@@ -112,7 +112,7 @@ def _look(out: Path, cfg: ExperimentConfig, overwrite: bool):
         log.warning(f"overwrite: replacing the finished run in {out}")
         restart = True
     elif started.exists() and any((out/d).exists() for d in ("train", "reclip")):   # a config.json alone holds no work
-        diff = config_diff(read_json(started), cfg)
+        diff = config_diff(saved_config(read_json(started)), cfg)
         if diff and cfg.resume and not overwrite:
             raise ValueError(f"{out} holds an interrupted run with another config ({'; '.join(diff)}): {ways}start it over "
                              "with overwrite=True or resume=False (latteclip-train --overwrite or --no-resume)")

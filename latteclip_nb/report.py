@@ -19,14 +19,14 @@ from .core import atomic_write_bytes, cache_root, read_json
 # %% ../nbs/14_report.ipynb #85275b5d
 def run_config(run_dir) -> tuple:
     """(metrics, ExperimentConfig) of a finished run folder; fields this version does not know are ignored."""
-    from latteclip_nb.experiment_config import ExperimentConfig
+    from latteclip_nb.experiment_config import ExperimentConfig, saved_config
     run_dir = Path(run_dir)
     if not (run_dir/"metrics.json").is_file():
         why = "the run has not finished" if (run_dir/"config.json").is_file() else "it is not a run folder (latteclip-train --out-dir)"
         raise FileNotFoundError(f"{run_dir/'metrics.json'} is missing: {why}; give the folder of a finished run")
     m = read_json(run_dir/"metrics.json")
     known = {f.name for f in fields(ExperimentConfig)}
-    return m, ExperimentConfig(**{k: v for k, v in m.get("config", {}).items() if k in known})
+    return m, ExperimentConfig(**{k: v for k, v in saved_config(m.get("config", {})).items() if k in known})
 
 def cached_c_zs(split, template: str, model: str, pretrained, dataset: str, k: int = 5, cache_dir=None):
     """(c_zs, top-1 cosine) of every image of `split` from the pseudo-label cache, or None when any is missing."""
