@@ -1,5 +1,5 @@
-"""The package's imports run one way: no module imports a name through a module that only re-exports it, and the
-imports (those inside functions too) form no circle."""
+"""The package's structure: imports run one way (no module imports a name through a module that only re-exports it, and
+the imports, those inside functions too, form no circle), and no function is longer than a reader can hold (60 lines)."""
 import ast, sys
 from pathlib import Path
 
@@ -60,3 +60,9 @@ def test_the_check_finds_a_circle(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PKG", tmp_path)
     monkeypatch.setattr(sys.modules[__name__], "MODULES", ["a", "b"])
     with pytest.raises(AssertionError, match="a -> b -> a"): test_no_import_circle()
+
+
+def test_no_function_above_60_lines():
+    long = [f"{m}.py:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)" for m in MODULES for n in ast.walk(_tree(m))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+    assert not long, "functions above 60 lines (split them into named stages):\n" + "\n".join(long)
