@@ -18,7 +18,7 @@ except ImportError: fcntl = None  # no file locks on Windows: give every process
 
 from .core import atomic_write_json, file_keys, log, read_json, RunLock
 from .nodes import gather_objects
-from .collage import as_label_array, sample_groups, sample_groups_gt
+from .collage import IMAGES_PER_GROUP, as_label_array, sample_groups, sample_groups_gt
 from .prompts import group_prompt, image_prompt
 
 # %% ../nbs/05b_caption_store.ipynb #d0a8852d
@@ -189,7 +189,7 @@ def content_ids(split) -> list:
     """The store id of every image of `split`: its content key, or `unreadable:<id>` for a file that cannot be read."""
     return [k if k is not None else f"unreadable:{i}" for k, i in zip(file_keys(split.root, split.ids), split.ids)]
 
-def caption_work(spec, split, c_zs, kinds=KINDS, seed: int = 0, images_per_group: int = 4,
+def caption_work(spec, split, c_zs, kinds=KINDS, seed: int = 0, images_per_group: int = IMAGES_PER_GROUP,
                  groups_per_class: int | None = None, group_labels=None, n_correct: int | None = None,
                  image_keys: list | None = None) -> Work:
     """The image and group items to describe for `split`, given its zero-shot labels `c_zs` (and its `image_keys`)."""

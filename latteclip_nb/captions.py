@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .core import atomic_write_json, cache_root, check_cache, check_device, in_flags, default_data_root, deprecated_flag, error_line, file_keys, log, progress_bar, read_json, seed_everything
-from .collage import make_collage
+from .collage import IMAGES_PER_GROUP, make_collage
 from .data import load_image
 # the caption store (05b); its public names are this module's too
 from .caption_store import *
@@ -174,7 +174,7 @@ def describe_dataset(
     shard: int = 0,              # this process's shard ...
     num_shards: int = 1,         # ... of this many
     seed: int = 0,               # group sampling seed
-    images_per_group: int = 4,   # k, images per collage
+    images_per_group: int = IMAGES_PER_GROUP,   # k, images per collage
     groups_per_class: int | None = None,  # None: one group per image; else this many groups per class
     group_labels=None,           # ground-truth labels for Table 4 groups (default: split.labels)
     n_correct: int | None = None,  # Table 4: members truly of the group's class

@@ -27,7 +27,7 @@ from .split_files import Split
 # %% auto #0
 __all__ = ['TINY_MODEL', 'SHIPPED_MODELS', 'check_model', 'make_train_transform', 'load_clip', 'save_clip_weights',
            'encode_texts', 'text_classifier', 'encode_images', 'PseudoLabels', 'pseudo_label_key',
-           'zero_shot_pseudo_labels', 'zero_shot_eval']
+           'zero_shot_pseudo_labels', 'route_labels', 'zero_shot_eval']
 
 # %% ../nbs/02_clip.ipynb #50aff8c2
 TINY_MODEL = "latte-tiny"
@@ -317,6 +317,19 @@ def zero_shot_pseudo_labels(model, eval_transform, tokenizer, split: Split, temp
         acc = (t["c_zs"] == torch.tensor(split.labels)).float().mean().item()
         log.info(f"c_zs accuracy on {full['dataset']}/{full['split']}: {100 * acc:.2f}% of {len(split)} images")
     return PseudoLabels(list(split.ids), t["c_zs"], t["topk"], t["scores"], acc, not todo)
+
+# %% ../nbs/02_clip.ipynb #6593c111
+def route_labels(c_zs, labels, route: str = "pseudo", correct: float = 0.0, seed: int = 0, where: str = "the training split"):
+    """The labels that route each training sample: c_zs, the true labels, or c_zs with a seeded share of its mistakes corrected."""
+    c_zs = torch.as_tensor(c_zs, dtype=torch.long)
+    if route == "pseudo" and not correct: return c_zs
+    if labels is None: raise ValueError(f"route={route!r}, route_correct={correct} read the true labels, and {where} has none: leave them unset")
+    y = torch.as_tensor(labels, dtype=torch.long)
+    if route == "true": return y.clone()
+    wrong = (c_zs != y).nonzero().flatten()
+    fix = wrong[torch.randperm(len(wrong), generator=torch.Generator().manual_seed(seed))[:round(correct * len(wrong))]]
+    out = c_zs.clone(); out[fix] = y[fix]
+    return out
 
 # %% ../nbs/02_clip.ipynb #3d61ee8b
 def zero_shot_eval(model, eval_transform, tokenizer, split: Split, templates, batch_size: int = 256, device=None,

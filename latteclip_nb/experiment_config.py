@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from .collage import IMAGES_PER_GROUP
 from .core import check_cache, check_device, default_data_root, log
 from .registry import RECIPES
 from .run_config import TRAIN_METHODS, TrainKnobs, field_kind, parse_field
@@ -55,7 +56,7 @@ class ExperimentConfig(TrainKnobs):
     captioner_max_pixels: int = -1     # captioner hf: images scaled down to at most this many pixels (-1: 448x448; 0: as they are)
     single_view: bool = True           # LLaVA sees one 336x336 view (the reference setting); false: the full anyres tiling
     # the study switches (Tables 4-5, and oracles for the studies)
-    images_per_group: int = 4          # Table 5: images per collage
+    images_per_group: int = IMAGES_PER_GROUP  # Table 5: images per collage
     groups_per_class: int = 0          # 0: one group per image; e.g. 32 to cap the LMM's group calls
     group_gt_correct: int = -1         # Table 4: -1 pseudo-label groups; 0..k ground-truth groups with that many correct
     route: str = "pseudo"              # labels that pick each sample's class text, group and prototype update: pseudo (c_zs) | true (an oracle)

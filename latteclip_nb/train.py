@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .core import atomic_torch_save, atomic_write_bytes, cache_root, get_device, log, progress_bar, read_json, seed_everything
-from .nodes import barrier, broadcast_object, dir_layout, gather_objects
+from .nodes import barrier, broadcast_object, dir_layout, gather_objects, node_info, rank_device
 from .prototypes import PrototypeBank
 # the parts of training, in reading order (09a-09e); their public names are this module's too
 from .run_config import *
@@ -178,7 +178,7 @@ class TrainRun:
 def _start_run(model, tokenizer, split, class_texts, cfg, out_dir, c_zs, texts, labels, device, reporter, evaluator):
     "A TrainRun ready to train, or the TrainResult of a run `out_dir` already finished."
     cfg.check()
-    rank, world = dist_info()
+    rank, world, *_ = node_info()
     device = rank_device(device, rank, world)
     if cfg.deterministic: set_deterministic()
     out_dir, N = Path(out_dir), len(split)
