@@ -10,22 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import CLASSES, write_images as _images
 BIN = Path(sys.executable).parent
 NB = Path(__file__).resolve().parents[1] / "nbs" / "90_experiment.ipynb"
-CLASSES = ["red", "green", "blue"]
-COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220)]
+
 TINY = ["--clip-model", "latte-tiny", "--pretrained", "none", "--device", "cpu", "--num-workers", "0"]
-
-
-def _images(folder: Path, n: int, seed: int = 0, labeled: bool = False, names=CLASSES):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        y = i % 3
-        a = np.zeros((36, 40, 3), np.uint8); a[:] = COLOURS[y]
-        a[::4] = rng.integers(0, 255, a[::4].shape, dtype=np.uint8)
-        d = folder / names[y] if labeled else folder
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(a).save(d / f"img_{seed}_{i:03d}.png")
 
 
 def _grey(folder: Path):

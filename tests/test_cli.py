@@ -3,26 +3,13 @@ one spelling and one meaning per flag, and one line (no traceback) for every mis
 import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from helpers import CLASSES, write_images as _images
 BIN = Path(sys.executable).parent
-CLASSES = ["red", "green", "blue"]
-COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220)]
+
 TINY_CLIP = ["--clip-model", "latte-tiny", "--pretrained", "none"]
-
-
-def _images(folder: Path, n: int, seed: int = 0, labeled: bool = False):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        y = i % 3
-        arr = np.zeros((36, 40, 3), np.uint8); arr[:] = COLOURS[y]
-        arr[::4] = rng.integers(0, 255, arr[::4].shape, dtype=np.uint8)
-        d = folder / CLASSES[y] if labeled else folder
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr).save(d / f"img_{seed}_{i:03d}.png")
 
 
 def _cmd(name, args, env, cwd, timeout=600):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import private_cache
 from latteclip_nb.experiment import ExperimentConfig, run_experiment
 from latteclip_nb.report import load_run, main
 
@@ -18,9 +19,7 @@ HEADINGS = ["Summary", "Accuracy", "Training curves", "Classes"]
 def shapes_run(tmp_path_factory):
     """A LatteCLIP run of 2 steps on the shapes world, in a private cache; its folder."""
     root = tmp_path_factory.mktemp("report")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LATTECLIP_CACHE", str(root / "cache"))
-        torch.set_num_threads(1)
+    with private_cache(root):
         out = root / "run"
         run_experiment(ExperimentConfig(dataset="shapes", epochs=1, max_steps=2, batch_size=64, groups_per_class=2,
                                         num_workers=0, out_dir=str(out)))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import private_cache
 from latteclip_nb.experiment import ExperimentConfig, run_experiment
 
 TINY = dict(dataset="shapes", epochs=1, max_steps=4, batch_size=64, groups_per_class=2, num_workers=0)
@@ -14,10 +15,7 @@ TINY = dict(dataset="shapes", epochs=1, max_steps=4, batch_size=64, groups_per_c
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("watch")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LATTECLIP_CACHE", str(root / "cache"))
-        torch.set_num_threads(1)
+    with private_cache(tmp_path_factory.mktemp("watch")) as root:
         yield root
 
 
