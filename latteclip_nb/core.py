@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['log', 'RUN_LOGS', 'seed_everything', 'get_device', 'check_device', 'error_of', 'deprecated_flag', 'write_error',
-           'atomic_write_bytes', 'atomic_write_json', 'atomic_torch_save', 'read_json', 'FolderInUse', 'lock_holder',
-           'RunLock', 'ProgressProtocol', 'PlainProgress', 'progress_bar', 'LogProgress', 'TeeProgress', 'error_line',
-           'in_flags', 'cache_root', 'check_cache', 'default_data_root', 'file_keys', 'replace_marked']
+           'atomic_write_bytes', 'atomic_write_json', 'atomic_torch_save', 'read_json', 'read_jsonl', 'FolderInUse',
+           'lock_holder', 'RunLock', 'ProgressProtocol', 'PlainProgress', 'progress_bar', 'LogProgress', 'TeeProgress',
+           'error_line', 'in_flags', 'cache_root', 'check_cache', 'default_data_root', 'file_keys', 'replace_marked']
 
 # %% ../nbs/00_core.ipynb #47c35b18
 import hashlib, json, logging, os, random, tempfile
@@ -151,6 +151,21 @@ def read_json(path):
     if not path.exists(): raise FileNotFoundError(f"{path} does not exist")
     try: return json.loads(path.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON ({e}); delete or fix it") from e
+
+def read_jsonl(path, notes: list | None = None) -> list:
+    """The records of a JSON-lines file ([] when missing); a torn last line (a process killed mid-write) is left out, with a note in `notes`."""
+    path = Path(path)
+    if not path.is_file(): return []
+    lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    rows = []
+    for n, l in enumerate(lines, 1):
+        try: rows.append(json.loads(l))
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                if notes is not None: notes.append(f"the last line of {path} is cut off (the run was stopped while writing it); it is left out")
+                break
+            raise ValueError(f"{path}: line {n} is not JSON ({e.msg}); delete that line, or the file, and rerun") from None
+    return rows
 
 # %% ../nbs/00_core.ipynb #8983ede1
 import socket, sys, time

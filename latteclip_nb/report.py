@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .core import atomic_write_bytes, cache_root, read_json
+from .core import atomic_write_bytes, cache_root, read_json, read_jsonl
 
 # %% ../nbs/14_report.ipynb #85275b5d
 def run_config(run_dir) -> tuple:
@@ -78,20 +78,6 @@ def _train_split(cfg, split):
     keep = torch.randperm(len(split), generator=g)[:max(1, round(cfg.data_fraction * len(split)))].sort().values
     return split.subset(keep.tolist()), keep
 
-def _read_jsonl(path: Path, notes: list | None = None) -> list:
-    "The records of a JSON-lines file; a torn last line (a run killed mid-write) is left out with a note, any other bad line names the file."
-    if not path.is_file(): return []
-    lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
-    rows = []
-    for n, l in enumerate(lines, 1):
-        try: rows.append(json.loads(l))
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                if notes is not None: notes.append(f"the last line of {path} is cut off (the run was stopped while writing it); it is left out")
-                break
-            raise ValueError(f"{path}: line {n} is not JSON ({e.msg}); delete that line, or the file, and rerun latteclip-report") from None
-    return rows
-
 def _data_of_run(run_dir: Path, cfg):
     "resolve_data for the run as recorded; data that is not where the run found it is one line naming the field and the path."
     from latteclip_nb.experiment_config import resolve_data
@@ -116,7 +102,7 @@ def load_run(run_dir) -> Run:
     full = sp["train"]
     split, keep = _train_split(cfg, full)
     notes = []
-    run = Run(run_dir, m, cfg, spec, split, list(m.get("classnames") or split.classnames), steps=_read_jsonl(run_dir/"train"/"steps.jsonl", notes),
+    run = Run(run_dir, m, cfg, spec, split, list(m.get("classnames") or split.classnames), steps=read_jsonl(run_dir/"train"/"steps.jsonl", notes),
               notes=notes)
     if m.get("model") and cfg.method in ("latteclip", "flyp_pl", "oracle"):
         got = cached_c_zs(full, spec.template, m["model"], m.get("pretrained"), spec.name)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import atomic_torch_save, atomic_write_bytes, cache_root, get_device, log, progress_bar, read_json, seed_everything
+from .core import atomic_torch_save, atomic_write_bytes, cache_root, get_device, log, progress_bar, read_json, read_jsonl, seed_everything
 from .nodes import barrier, broadcast_object, dir_layout, gather_objects, node_info, rank_device
 from .prototypes import PrototypeBank
 # the parts of training, in reading order (09a-09e); their public names are this module's too
@@ -58,9 +58,6 @@ def _check_released_mixer(cfg: TrainConfig, n: int, dim: int, world: int = 1):
         raise ValueError(f"mixer='released' needs every batch full, but {n} images at batch_size={cfg.batch_size} leave a last batch "
                          f"of {n % cfg.batch_size}: set released_workers (the released loader; the reference recipe does) or drop_last=True")
 
-def _read_jsonl(path: Path) -> list:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-
 def _check_inputs(split, class_texts, cfg, c_zs, texts, labels):
     "Validated (c_zs, labels) aligned with the split, or a ValueError saying what is missing."
     N, C = len(split), len(class_texts)
@@ -98,7 +95,7 @@ def _read_export(out_dir: Path) -> tuple:
     "(weights, classifier tensors, classifier.json, history) of a completed run's export."
     exp = out_dir/"classifier"
     return (load_file(str(_weights_file(exp))), load_file(str(exp/"classifier.safetensors")), read_json(exp/"classifier.json"),
-            _read_jsonl(out_dir/"metrics.jsonl"))
+            read_jsonl(out_dir/"metrics.jsonl"))
 
 def _load_finished(model, out_dir: Path, cfg: TrainConfig, device, from_rank0: bool = False) -> TrainResult:
     "The TrainResult of a completed run, read back from its export (`from_rank0`: rank 0's copy, broadcast; a collective)."
@@ -112,7 +109,7 @@ def _load_finished(model, out_dir: Path, cfg: TrainConfig, device, from_rank0: b
         bank = PrototypeBank(t["prototypes"], cfg.momentum).to(device)
         bank.prototypes.copy_(t["prototypes"])   # bit-exact (the constructor re-normalises)
     log.info(f"{exp} holds a finished run with this config: loaded it instead of training")
-    return TrainResult(model, bank, t["classifier"].to(device), history, exp, meta.get("step", 0), out_dir, _read_jsonl(out_dir/EVALS_FILE))
+    return TrainResult(model, bank, t["classifier"].to(device), history, exp, meta.get("step", 0), out_dir, read_jsonl(out_dir/EVALS_FILE))
 
 def _checkpoint_step(ckpt: Path, resume: bool):
     "(the checkpoint, or None; its step, None without one, or 'damaged') as this rank sees it."
@@ -215,7 +212,7 @@ def _restore(run: TrainRun):
         log.info(f"resuming {ckpt} at step {st.step}/{run.total} (epoch {st.epoch + 1}, batch {st.batch})")
         if run.reporter is not None: run.reporter.resume(st.step)
         if run.rank == 0:
-            kept = "".join(json.dumps(r) + "\n" for r in _read_jsonl(run.steps_path) if r["step"] <= st.step)
+            kept = "".join(json.dumps(r) + "\n" for r in read_jsonl(run.steps_path) if r["step"] <= st.step)
             atomic_write_bytes(run.steps_path, kept.encode())
     elif run.layout.writer:
         for f in (run.metrics_path, run.steps_path, ckpt, run.out_dir/"classifier"/"classifier.json", run.out_dir/RECORD_FILE,

@@ -22,7 +22,7 @@ FIGURES = [
     ("07_prototypes", 'ylabel="cos(p_0, start)"'),
     ("09a_run_config", "sched = [cosine_lr(t, 40, 300) for t in range(301)]"),
     ("09b_views", 'strip = Image.new("RGB", (6 * 40, 40), "white")'),
-    ("09f_train", 'steps_log = _read_jsonl(tmp/"run"/"steps.jsonl")'),
+    ("09f_train", 'steps_log = read_jsonl(tmp/"run"/"steps.jsonl")'),
     ("10_evaluate", 'buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=72)'),
     ("12_shapes_world", "_strip = Image.new("),
     ("12a_shapes", 'ax.set(ylabel="zero-shot top-1 %"'),
