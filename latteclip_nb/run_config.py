@@ -15,13 +15,15 @@ import torch
 from fastcore.docments import docments
 
 from .mixer import MIXERS
+from .registry import DatasetSpec
 
 # %% ../nbs/09a_run_config.ipynb #76932126
 TRAIN_METHODS = ("latteclip", "flyp_pl", "oracle")   # the methods that fine-tune CLIP; an experiment also evaluates others
 RECIPE_FIELDS = ("epochs", "warmup_steps", "lr", "batch_size", "weight_decay", "max_steps", "drop_last", "released_workers")
-# the recipe's values where no dataset gives its own (a TrainConfig built by hand): the reference scripts' defaults
-REFERENCE_SCHEDULE = dict(epochs=15, warmup_steps=40, lr=1e-7, batch_size=512, weight_decay=0.2, max_steps=None, drop_last=False,
-                          released_workers=0)
+# the recipe's values where no dataset gives its own (a TrainConfig built by hand): a dataset's defaults (lr, weight decay,
+# released workers) and the reference scripts' epochs, warm-up and batch
+REFERENCE_SCHEDULE = dict(epochs=15, warmup_steps=40, lr=DatasetSpec.lr, batch_size=512, weight_decay=DatasetSpec.weight_decay,
+                          max_steps=None, drop_last=False, released_workers=DatasetSpec.released_workers)
 
 @dataclass
 class TrainKnobs:
