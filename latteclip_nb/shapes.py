@@ -158,10 +158,11 @@ def pretrain(out=SHAPES_CHECKPOINT, steps: int = 1500, batch_size: int = 128, lr
     opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if decay(n, p)], "weight_decay": weight_decay},
                              {"params": [p for n, p in model.named_parameters() if not decay(n, p)], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    resume, start = out.with_suffix(".resume.pt"), 0
+    resume, start, before, stretches = out.with_suffix(".resume.pt"), 0, 0.0, 1
     if resume.exists():
         ck = torch.load(resume, weights_only=True)
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); start = ck["step"]
+        before, stretches = float(ck.get("seconds", math.nan)), int(ck.get("stretches", 1)) + 1   # nan: a file without its time
         log.info(f"resuming pretraining from step {start} ({resume})")
     loss_fn, t0 = open_clip.ClipLoss(), time.perf_counter()
     model.train()
@@ -174,9 +175,11 @@ def pretrain(out=SHAPES_CHECKPOINT, steps: int = 1500, batch_size: int = 128, lr
         with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % resume_every == 0 and step + 1 < steps:
-            atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, resume)
+            atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                               "seconds": before + time.perf_counter() - t0, "stretches": stretches}, resume)
+    seconds = before + time.perf_counter() - t0   # every stretch's kept steps, not the steps redone after a crash
     meta = dict(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, seed=seed,
-                seconds=round(time.perf_counter() - t0), **({"rare_rate": rare_rate, "rare_names": json.dumps(RARE_NAMES)} if rare_rate else {}))
+                seconds=round(seconds) if seconds == seconds else seconds, stretches=stretches, **({"rare_rate": rare_rate, "rare_names": json.dumps(RARE_NAMES)} if rare_rate else {}))
     atomic_write_bytes(out, save({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
                                  metadata={k: str(v) for k, v in meta.items()}))
     os.chmod(out, 0o644)  # a package asset: readable by everyone
