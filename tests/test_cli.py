@@ -220,16 +220,25 @@ def _wait(cond, proc, timeout=300):
         time.sleep(0.2)
 
 
+def _interrupt(proc, timeout=120) -> str:
+    "Send Ctrl-C to `proc`; its stderr once it exits (killed, with its stderr's tail in the failure, when it does not)."
+    proc.send_signal(signal.SIGINT)
+    try: return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill(); err = proc.communicate()[1]
+        raise AssertionError(f"still running {timeout} s after Ctrl-C; its stderr ends:\n{err[-3000:]}") from None
+
+
 def test_ctrl_c_during_captioning_is_one_line(domain, tiny_llava, tmp_path):
     root, env = domain
-    store = tmp_path / "store"
-    args = ["--dataset", root / "birds" / "unlabeled", "--classes-file", root / "classes.txt", *TINY_CLIP, "--captioner", "tiny",
+    store, many = tmp_path / "store", tmp_path / "many"
+    _images(many, 60)   # about 120 LMM calls: far more than are done before the first batch is in the store, on a loaded machine too
+    args = ["--dataset", many, "--classes-file", root / "classes.txt", *TINY_CLIP, "--captioner", "tiny",
             "--captioner-model", tiny_llava, "--device", "cpu", "--batch-size", 1, "--workers", 1, "--captions-dir", store]
     proc = subprocess.Popen([str(BIN / "latteclip-caption"), *map(str, args)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait(lambda: any(f.stat().st_size for f in store.glob("*.jsonl")), proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    err = _interrupt(proc)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == (f"latteclip-caption: interrupted: every finished batch of captions is kept in {store}; "
                                             "rerun the same command to continue from there")
@@ -243,8 +252,7 @@ def test_ctrl_c_during_training_is_one_line(domain, tmp_path):
     proc = subprocess.Popen([str(BIN / "latteclip-train"), *map(str, args)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait(lambda: (out / "train" / "checkpoint.pt").exists(), proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    err = _interrupt(proc)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
     last = last[last.find("latteclip-train: "):]      # after the progress bar's unfinished line
