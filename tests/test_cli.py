@@ -220,6 +220,11 @@ def _wait(cond, proc, timeout=300):
         time.sleep(0.2)
 
 
+def _ctrl_c_reaches_it():
+    "The child's SIGINT as in a terminal: a shell starts background jobs with SIGINT ignored, and the child inherits that."
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(proc, timeout=120) -> str:
     "Send Ctrl-C to `proc`; its stderr once it exits (killed, with its stderr's tail in the failure, when it does not)."
     proc.send_signal(signal.SIGINT)
@@ -236,7 +241,7 @@ def test_ctrl_c_during_captioning_is_one_line(domain, tiny_llava, tmp_path):
     args = ["--dataset", many, "--classes-file", root / "classes.txt", *TINY_CLIP, "--captioner", "tiny",
             "--captioner-model", tiny_llava, "--device", "cpu", "--batch-size", 1, "--workers", 1, "--captions-dir", store]
     proc = subprocess.Popen([str(BIN / "latteclip-caption"), *map(str, args)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_reaches_it)
     _wait(lambda: any(f.stat().st_size for f in store.glob("*.jsonl")), proc)
     err = _interrupt(proc)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
@@ -250,7 +255,7 @@ def test_ctrl_c_during_training_is_one_line(domain, tmp_path):
     args = ["--dataset", root / "birds" / "unlabeled", "--classes-file", root / "classes.txt", "--method", "flyp_pl", *TINY_CLIP,
             "--num-workers", 0, "--batch-size", 2, "--epochs", 10000, "--ckpt-every", 1, "--device", "cpu", "--out-dir", out]
     proc = subprocess.Popen([str(BIN / "latteclip-train"), *map(str, args)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_reaches_it)
     _wait(lambda: (out / "train" / "checkpoint.pt").exists(), proc)
     err = _interrupt(proc)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
