@@ -67,3 +67,18 @@ def test_unknown_block_is_one_line(tmp_path):
     r = _reproduce(["shapes-resluts"], tmp_path)
     assert r.returncode != 0 and "shapes-resluts.csv" in r.stderr and "the blocks are" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_rerun_takes_one_thread_as_the_sweeps_did(tmp_path, monkeypatch):
+    """The recorded runs were made one thread each; a rerun is too, whatever the caller's OMP_NUM_THREADS."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reproduce_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    seen = {}
+    def run(cmd, env=None, **kw):
+        seen.update(env or {}); (tmp_path/"metrics.json").write_text('{"top1": 1.5}')
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(mod.subprocess, "run", run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert mod.rerun({"command": "latteclip-train --dataset shapes"}, tmp_path) == 1.5
+    assert seen.get("OMP_NUM_THREADS") == "1" and seen.get("MKL_NUM_THREADS") == "1"
