@@ -165,6 +165,7 @@ def pretrain(out=SHAPES_CHECKPOINT, steps: int = 1500, batch_size: int = 128, lr
         before, stretches = float(ck.get("seconds", math.nan)), int(ck.get("stretches", 1)) + 1   # nan: a file without its time
         log.info(f"resuming pretraining from step {start} ({resume})")
     loss_fn, t0 = open_clip.ClipLoss(), time.perf_counter()
+    elapsed = lambda: before + time.perf_counter() - t0   # every stretch's kept steps, not the steps redone after a crash
     model.train()
     bar = progress_bar(range(start, steps), desc="pretrain latte-shapes", initial=start, total=steps, disable=not progress)
     for step in bar:
@@ -176,8 +177,8 @@ def pretrain(out=SHAPES_CHECKPOINT, steps: int = 1500, batch_size: int = 128, lr
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % resume_every == 0 and step + 1 < steps:
             atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                               "seconds": before + time.perf_counter() - t0, "stretches": stretches}, resume)
-    seconds = before + time.perf_counter() - t0   # every stretch's kept steps, not the steps redone after a crash
+                               "seconds": elapsed(), "stretches": stretches}, resume)
+    seconds = elapsed()
     meta = dict(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, seed=seed,
                 seconds=round(seconds) if seconds == seconds else seconds, stretches=stretches, **({"rare_rate": rare_rate, "rare_names": json.dumps(RARE_NAMES)} if rare_rate else {}))
     atomic_write_bytes(out, save({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
