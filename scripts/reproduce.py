@@ -11,7 +11,7 @@ point apart under another thread count) and fails when its top-1 moved by more t
     python scripts/reproduce.py shapes-results        # one block (make reproduce BLOCKS=shapes-results)
     python scripts/reproduce.py --tolerance 0.25 premise
 """
-import argparse, csv, json, os, shlex, subprocess, sys, tempfile, time
+import argparse, csv, json, shlex, subprocess, sys, tempfile, time
 from pathlib import Path
 
 from latteclip_nb.sweep import _TRAIN as TRAIN, threads_env   # latteclip-train in this interpreter, as the sweeps run it
@@ -35,8 +35,7 @@ def rerun(row: dict, out: Path, threads: int = 1) -> float:
     if not args or args[0] != "latteclip-train":
         raise SystemExit(f"reproduce: the recorded command is not a latteclip-train line: {row['command']!r}")
     cmd = [sys.executable, "-c", TRAIN, *args[1:], "--out-dir", str(out), "--no-report"]
-    env = threads_env(threads)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=threads_env(threads))
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
         raise SystemExit(f"reproduce: {row['command']} failed: {last}")
